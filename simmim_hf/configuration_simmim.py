@@ -1,0 +1,299 @@
+"""SimMIM configuration: one config for both encoders (ViT as in the paper, Swin v1) plus the mask settings.
+
+Hub-facing module: it is copied next to the weights for `trust_remote_code`, so it imports nothing from
+`simmim_hf` except, relatively, its flat sibling modules.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from transformers import PretrainedConfig
+
+ENCODER_TYPES = ("vit", "swin")
+POOLING_TYPES = ("mean", "cls")
+
+# Named recipes. The paper's pretraining configs (microsoft/SimMIM `configs/*pretrain*`), the ViT-B
+# fine-tuning variant, and tiny models for demos and tests (32 px images, a few thousand parameters).
+PRESETS: dict[str, dict] = {
+    # ViT-B/16 at 224 as pretrained in the paper: shared relative position bias, LayerScale 0.1, no APE.
+    "vit-base-p16-224": dict(
+        encoder_type="vit", image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
+        num_attention_heads=12, intermediate_size=3072, drop_path_rate=0.1,
+    ),
+    "vit-large-p16-224": dict(
+        encoder_type="vit", image_size=224, patch_size=16, hidden_size=1024, num_hidden_layers=24,
+        num_attention_heads=16, intermediate_size=4096, drop_path_rate=0.1,
+    ),
+    # transformers' plain ViT-B/16 (absolute positions, full qkv bias, no LayerScale, CLS pooling).
+    "vit-base-p16-224-plain": dict(
+        encoder_type="vit", image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
+        num_attention_heads=12, intermediate_size=3072, use_absolute_position_embeddings=True,
+        use_shared_relative_position_bias=False, use_key_bias=True, layer_scale_init_value=0.0,
+        pooling="cls", layer_norm_eps=1e-12,
+    ),
+    "swin-tiny-w6-192": dict(
+        encoder_type="swin", image_size=192, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2],
+        num_heads=[3, 6, 12, 24], window_size=6,
+    ),
+    "swin-base-w6-192": dict(
+        encoder_type="swin", image_size=192, patch_size=4, embed_dim=128, depths=[2, 2, 18, 2],
+        num_heads=[4, 8, 16, 32], window_size=6,
+    ),
+    "swin-large-w12-192": dict(
+        encoder_type="swin", image_size=192, patch_size=4, embed_dim=192, depths=[2, 2, 18, 2],
+        num_heads=[6, 12, 24, 48], window_size=12,
+    ),
+    # Tiny models for demos and tests; the same layouts as the official-code fixtures.
+    "vit-nano-p4-32": dict(
+        encoder_type="vit", image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=256, mask_patch_size=8,
+    ),
+    "swin-nano-w4-32": dict(
+        encoder_type="swin", image_size=32, patch_size=2, embed_dim=16, depths=[2, 2, 2],
+        num_heads=[2, 4, 8], window_size=4, mask_patch_size=8,
+    ),
+    # A small but non-trivial model for the CPU demo run (64 px, ~1.3 M parameters).
+    "vit-micro-p8-64": dict(
+        encoder_type="vit", image_size=64, patch_size=8, hidden_size=128, num_hidden_layers=4,
+        num_attention_heads=4, intermediate_size=512, mask_patch_size=16,
+    ),
+}
+
+
+class SimMIMConfig(PretrainedConfig):
+    r"""
+    Configuration of a SimMIM model: the encoder (`encoder_type="vit"` or `"swin"`), the linear
+    reconstruction head and the masking recipe the image processor follows.
+
+    Field names follow transformers' `ViTConfig` / `SwinConfig`. Fields that belong to the other encoder
+    type are kept but unused.
+
+    Args:
+        encoder_type (`str`, defaults to `"vit"`): `"vit"` (BEiT-style ViT of the SimMIM paper) or `"swin"` (Swin v1).
+        image_size (`int`, defaults to 224): pretraining resolution; the encoder also accepts other sizes
+            divisible by its patch size (ViT) or by `patch_size * 2**(stages-1)` and the windows (Swin).
+        patch_size (`int`, defaults to 16): model patch size p; `bool_masked_pos` has (H/p)*(W/p) entries.
+        num_channels (`int`, defaults to 3).
+        hidden_size (`int`, *optional*): ViT width (default 768). For Swin it is derived: the width of the
+            last stage, `embed_dim * 2**(len(depths)-1)`.
+        num_hidden_layers, num_attention_heads, intermediate_size: ViT depth, heads and MLP width.
+        embed_dim, depths, num_heads, window_size, mlp_ratio: Swin stage layout.
+        hidden_act (`str`, defaults to `"gelu"`).
+        hidden_dropout_prob, attention_probs_dropout_prob (`float`, defaults to 0.0).
+        drop_path_rate (`float`, defaults to 0.0): stochastic depth, linearly increasing over the blocks.
+        qkv_bias (`bool`, defaults to `True`): bias on the query and value projections.
+        use_key_bias (`bool`, *optional*): also a bias on the key projection. Default: `False` for ViT (the
+            official BEiT-style attention, whose key bias is fixed at zero), `True` for Swin.
+        use_absolute_position_embeddings (`bool`, defaults to `False`): learned absolute positions.
+        use_shared_relative_position_bias (`bool`, *optional*): ViT only; one relative position bias table
+            shared by all blocks (the paper's pretraining setting). Default: `True` unless
+            `use_relative_position_bias` or `use_absolute_position_embeddings` is set.
+        use_relative_position_bias (`bool`, defaults to `False`): ViT only; one table per block (fine-tuning).
+        layer_scale_init_value (`float`, defaults to 0.1): ViT LayerScale init; 0 disables LayerScale.
+        patch_norm (`bool`, defaults to `True`): Swin only; LayerNorm after the patch embedding.
+        pooling (`str`, *optional*): classification features, `"mean"` of the patch tokens or `"cls"`
+            (ViT only). Default `"mean"`.
+        layer_norm_eps (`float`, *optional*): 1e-6 for ViT (official), 1e-5 for Swin.
+        initializer_range (`float`, defaults to 0.02).
+        encoder_stride (`int`, *optional*): total downsampling of the encoder; derived (ViT: `patch_size`,
+            Swin: `patch_size * 2**(len(depths)-1)`). A given value must agree.
+        mask_patch_size (`int`, defaults to 32): side of one masking unit in pixels.
+        mask_ratio (`float`, defaults to 0.6): fraction of masking units that are masked.
+
+    Example:
+        ```python
+        >>> from simmim_hf import SimMIMConfig
+        >>> config = SimMIMConfig.from_preset("swin-base-w6-192")
+        >>> config.encoder_stride
+        32
+        ```
+    """
+
+    model_type = "simmim"
+
+    def __init__(
+        self,
+        encoder_type: str = "vit",
+        image_size: int = 224,
+        patch_size: int = 16,
+        num_channels: int = 3,
+        hidden_size: int | None = None,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int | None = None,
+        embed_dim: int = 96,
+        depths: list[int] | tuple[int, ...] = (2, 2, 6, 2),
+        num_heads: list[int] | tuple[int, ...] = (3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        hidden_act: str = "gelu",
+        hidden_dropout_prob: float = 0.0,
+        attention_probs_dropout_prob: float = 0.0,
+        drop_path_rate: float = 0.0,
+        qkv_bias: bool = True,
+        use_key_bias: bool | None = None,
+        use_absolute_position_embeddings: bool = False,
+        use_shared_relative_position_bias: bool | None = None,
+        use_relative_position_bias: bool = False,
+        layer_scale_init_value: float = 0.1,
+        patch_norm: bool = True,
+        pooling: str | None = None,
+        layer_norm_eps: float | None = None,
+        initializer_range: float = 0.02,
+        encoder_stride: int | None = None,
+        mask_patch_size: int = 32,
+        mask_ratio: float = 0.6,
+        **kwargs,
+    ):
+        self.encoder_type = encoder_type
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.embed_dim = embed_dim
+        self.depths = list(depths)
+        self.num_heads = list(num_heads)
+        self.window_size = window_size
+        self.mlp_ratio = mlp_ratio
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.drop_path_rate = drop_path_rate
+        self.qkv_bias = qkv_bias
+        self.use_absolute_position_embeddings = use_absolute_position_embeddings
+        self.use_relative_position_bias = use_relative_position_bias
+        self.layer_scale_init_value = layer_scale_init_value
+        self.patch_norm = patch_norm
+        self.initializer_range = initializer_range
+        self.mask_patch_size = mask_patch_size
+        self.mask_ratio = mask_ratio
+
+        is_vit = encoder_type == "vit"
+        if use_key_bias is None:
+            use_key_bias = not is_vit
+        self.use_key_bias = use_key_bias
+        if use_shared_relative_position_bias is None:
+            use_shared_relative_position_bias = is_vit and not (
+                use_relative_position_bias or use_absolute_position_embeddings
+            )
+        self.use_shared_relative_position_bias = use_shared_relative_position_bias
+        self.pooling = pooling if pooling is not None else "mean"
+        self.layer_norm_eps = layer_norm_eps if layer_norm_eps is not None else (1e-6 if is_vit else 1e-5)
+
+        if is_vit:
+            self.hidden_size = hidden_size if hidden_size is not None else 768
+            self.intermediate_size = (
+                intermediate_size if intermediate_size is not None else int(self.hidden_size * mlp_ratio)
+            )
+        else:
+            self.hidden_size = int(embed_dim * 2 ** (len(self.depths) - 1))
+            if hidden_size is not None and hidden_size != self.hidden_size:
+                raise ValueError(
+                    f"`hidden_size` is derived for Swin as embed_dim * 2**(len(depths)-1) = {self.hidden_size}; "
+                    f"got hidden_size={hidden_size}. Leave it unset."
+                )
+            self.intermediate_size = intermediate_size
+
+        self._validate()
+        derived_stride = self.patch_size * (2 ** (len(self.depths) - 1) if not is_vit else 1)
+        if encoder_stride is not None and encoder_stride != derived_stride:
+            raise ValueError(
+                f"`encoder_stride` must equal the encoder's total downsampling ({derived_stride} for "
+                f"encoder_type={encoder_type!r}, patch_size={patch_size}"
+                + ("" if is_vit else f", {len(self.depths)} stages")
+                + f"); got encoder_stride={encoder_stride}. Leave it unset to derive it."
+            )
+        self.encoder_stride = derived_stride
+        super().__init__(**kwargs)
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        def fail(field: str, expected: str, value) -> None:
+            raise ValueError(f"SimMIMConfig: `{field}` {expected}; got {field}={value!r}.")
+
+        if self.encoder_type not in ENCODER_TYPES:
+            fail("encoder_type", f"must be one of {ENCODER_TYPES}", self.encoder_type)
+        for field in ("image_size", "patch_size", "num_channels", "mask_patch_size"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                fail(field, "must be a positive integer", value)
+        if self.image_size % self.patch_size:
+            fail("image_size", f"must be divisible by patch_size={self.patch_size}", self.image_size)
+        if self.image_size % self.mask_patch_size:
+            fail("image_size", f"must be divisible by mask_patch_size={self.mask_patch_size}", self.image_size)
+        if self.mask_patch_size % self.patch_size:
+            fail("mask_patch_size", f"must be a multiple of patch_size={self.patch_size}", self.mask_patch_size)
+        if not 0.0 < float(self.mask_ratio) < 1.0:
+            fail("mask_ratio", "must lie strictly between 0 and 1", self.mask_ratio)
+        if not 0.0 <= float(self.drop_path_rate) < 1.0:
+            fail("drop_path_rate", "must lie in [0, 1)", self.drop_path_rate)
+        if self.pooling not in POOLING_TYPES:
+            fail("pooling", f"must be one of {POOLING_TYPES}", self.pooling)
+        if self.encoder_type == "vit":
+            self._validate_vit(fail)
+        else:
+            self._validate_swin(fail)
+
+    def _validate_vit(self, fail) -> None:
+        if self.hidden_size <= 0 or self.num_hidden_layers <= 0 or self.num_attention_heads <= 0:
+            fail("hidden_size/num_hidden_layers/num_attention_heads", "must be positive",
+                 (self.hidden_size, self.num_hidden_layers, self.num_attention_heads))
+        if self.hidden_size % self.num_attention_heads:
+            fail("num_attention_heads", f"must divide hidden_size={self.hidden_size}", self.num_attention_heads)
+        if self.use_shared_relative_position_bias and self.use_relative_position_bias:
+            fail("use_relative_position_bias",
+                 "cannot be combined with use_shared_relative_position_bias=True (choose shared or per-block)",
+                 self.use_relative_position_bias)
+
+    def _validate_swin(self, fail) -> None:
+        if not self.depths or any(d <= 0 for d in self.depths):
+            fail("depths", "must be a non-empty list of positive integers", self.depths)
+        if len(self.num_heads) != len(self.depths):
+            fail("num_heads", f"must have one entry per stage ({len(self.depths)} stages)", self.num_heads)
+        if self.window_size <= 0:
+            fail("window_size", "must be a positive integer", self.window_size)
+        if self.pooling == "cls":
+            fail("pooling", "must be 'mean' for Swin, which has no CLS token", self.pooling)
+        stride = self.patch_size * 2 ** (len(self.depths) - 1)
+        if self.image_size % stride:
+            fail("image_size", f"must be divisible by patch_size * 2**(stages-1) = {stride}", self.image_size)
+        for stage, heads in enumerate(self.num_heads):
+            width = self.embed_dim * 2**stage
+            if heads <= 0 or width % heads:
+                fail("num_heads", f"must divide the width of stage {stage} ({width})", self.num_heads)
+            resolution = self.image_size // (self.patch_size * 2**stage)
+            # As in Swin, a stage no larger than the window attends globally (the window shrinks to it).
+            if resolution > self.window_size and resolution % self.window_size:
+                fail("window_size",
+                     f"must divide the token grid of every stage; stage {stage} is {resolution}x{resolution}",
+                     self.window_size)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def available_presets(cls) -> list[str]:
+        return sorted(PRESETS)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "SimMIMConfig":
+        """Build a config from a named recipe (see `SimMIMConfig.available_presets()`); keyword arguments
+        override single fields, e.g. `from_preset("vit-base-p16-224", drop_path_rate=0.0)`."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset name={name!r}; expected one of {sorted(PRESETS)}.")
+        kwargs = copy.deepcopy(PRESETS[name])
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    # ------------------------------------------------------------------ derived quantities
+    @property
+    def num_stages(self) -> int:
+        return 1 if self.encoder_type == "vit" else len(self.depths)
+
+    @property
+    def num_layers_for_decay(self) -> int:
+        """Number of blocks, the `depth` of layer-wise lr decay."""
+        return self.num_hidden_layers if self.encoder_type == "vit" else sum(self.depths)
+
+
+__all__ = ["SimMIMConfig", "PRESETS"]
