@@ -2,7 +2,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-EXAMPLES = ["tqdm", "tensorboard", "scikit-learn>=1.3"]
+EXAMPLES = ["tqdm", "tensorboard", "scikit-learn>=1.3", "scikit-image>=0.22"]
 DEV = ["pytest>=8", *EXAMPLES]
 
 setup(
