@@ -1,0 +1,770 @@
+"""SimMIM models: ViT (BEiT-style, as in the paper) and Swin v1 encoders, the linear reconstruction head with
+the masked L1 loss, and an image classifier for fine-tuning.
+
+Data flow of `SimMIMForMaskedImageModeling` (B = batch, p = patch size, s = encoder stride, C = width):
+
+    pixel_values (B, 3, H, W) --patch conv--> (B, H/p * W/p, C) --masked patches -> mask token-->
+    encoder (ViT blocks | Swin stages) --> feature map (B, C, H/s, W/s) --1x1 conv--> (B, s*s*3, H/s, W/s)
+    --PixelShuffle(s)--> reconstruction (B, 3, H, W);   loss = L1 on the masked pixels only.
+
+Hub-facing module: copied next to the weights for `trust_remote_code`, so it imports its siblings only
+relatively and depends on nothing but torch and transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    ImageClassifierOutput,
+    MaskedImageModelingOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_simmim import SimMIMConfig
+
+# Additive bias that keeps tokens from different regions of a shifted Swin window apart. The official
+# Swin/SimMIM code uses -100 rather than -inf (exp(-100) underflows to 0 in fp32 and bf16 alike).
+SHIFTED_WINDOW_MASK_VALUE = -100.0
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+@dataclass
+class SimMIMModelOutput(BaseModelOutputWithPooling):
+    r"""
+    last_hidden_state (`(B, L, C)`): final token states after the last LayerNorm (ViT: CLS first, then the
+        H/p * W/p patch tokens; Swin: the (H/s) * (W/s) tokens of the last stage).
+    pooler_output (`(B, C)`): mean of the patch tokens, or the CLS token when `config.pooling == "cls"`.
+    feature_map (`(B, C, H/s, W/s)`): the patch tokens as an image-shaped map, the input of the SimMIM head.
+    hidden_states: ViT: the embeddings and the output of every block (`num_hidden_layers + 1` tensors);
+        Swin: the embeddings and the output of every stage before its patch merging (`len(depths) + 1`).
+    attentions: per block, `(B, heads, L, L)` for ViT, `(B * windows, heads, w*w, w*w)` for Swin.
+    """
+
+    feature_map: torch.FloatTensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop whole residual branches per sample, rescaling the kept ones."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1.0 - drop_prob
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    return x * keep / keep_prob
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+def relative_position_index(height: int, width: int, with_cls: bool) -> torch.Tensor:
+    """Index into a relative position bias table for every (query, key) pair of a height x width grid.
+
+    The table has (2h-1)*(2w-1) rows, one per relative offset; with a CLS token (BEiT-style ViT) three more
+    rows follow for cls->token, token->cls and cls->cls. Returns (N, N) int64, N = h*w (+1 with CLS).
+    """
+    coords = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (hw, hw, 2)
+    index = (relative[..., 0] + height - 1) * (2 * width - 1) + (relative[..., 1] + width - 1)
+    if not with_cls:
+        return index
+    num_offsets = (2 * height - 1) * (2 * width - 1)
+    full = torch.empty((height * width + 1,) * 2, dtype=index.dtype)
+    full[1:, 1:] = index
+    full[0, :] = num_offsets  # cls -> token
+    full[:, 0] = num_offsets + 1  # token -> cls
+    full[0, 0] = num_offsets + 2  # cls -> cls
+    return full
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H/w * W/w, w*w, C), windows in row-major order."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window, window, w // window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, (h // window) * (w // window), window * window, c)
+
+
+def window_reverse(windows: torch.Tensor, window: int, height: int, width: int) -> torch.Tensor:
+    """(B, nW, w*w, C) -> (B, H, W, C); inverse of `window_partition`."""
+    b, _, _, c = windows.shape
+    x = windows.view(b, height // window, width // window, window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, height, width, c)
+
+
+def shifted_window_mask(height: int, width: int, window: int, shift: int) -> torch.Tensor:
+    """Additive mask (nW, w*w, w*w) that stops attention between regions a cyclic shift brought together."""
+    regions = torch.zeros(1, height, width, 1)
+    slices = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    label = 0
+    for hs in slices:
+        for ws in slices:
+            regions[:, hs, ws, :] = label
+            label += 1
+    regions = window_partition(regions, window).squeeze(0).squeeze(-1)  # (nW, w*w)
+    different = regions[:, None, :] != regions[:, :, None]
+    return torch.zeros(different.shape).masked_fill(different, SHIFTED_WINDOW_MASK_VALUE)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference attention that also returns the weights (used for `output_attentions=True`).
+
+    query/key/value: (B, heads, N, d); attention_mask: additive, broadcastable to (B, heads, N, N).
+    Returns ((B, N, heads, d), (B, heads, N, N)), the layout of transformers' attention functions.
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+# ---------------------------------------------------------------------------------------------- shared blocks
+class SimMIMRelativePositionBias(nn.Module):
+    """A learned bias per head and relative offset on an h x w grid (a ViT image or a Swin window)."""
+
+    def __init__(self, grid: tuple[int, int], num_heads: int, with_cls: bool):
+        super().__init__()
+        self.grid = grid
+        self.with_cls = with_cls
+        num_rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + (3 if with_cls else 0)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rows, num_heads))
+        # Derived from the grid, so it is rebuilt on load instead of stored.
+        self.register_buffer("relative_position_index", relative_position_index(*grid, with_cls), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        """Returns the bias (heads, N, N)."""
+        n = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        return bias.permute(2, 0, 1).contiguous()
+
+
+class SimMIMAttention(nn.Module):
+    """Multi-head self-attention over one or several independent token groups (Swin windows).
+
+    One fused qkv projection; its bias is split into q/k/v parts because the official ViT learns q and v
+    biases only (the key bias is fixed at zero) while Swin and transformers' ViT learn all three.
+    """
+
+    def __init__(self, config: SimMIMConfig, dim: int, num_heads: int, bias_grid: tuple[int, int] | None,
+                 with_cls: bool = False):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if config.qkv_bias else None
+        self.k_bias = nn.Parameter(torch.zeros(dim)) if config.qkv_bias and config.use_key_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if config.qkv_bias else None
+        self.proj = nn.Linear(dim, dim)
+        self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.relative_position_bias = (
+            SimMIMRelativePositionBias(bias_grid, num_heads, with_cls) if bias_grid is not None else None
+        )
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        if self.q_bias is None:
+            return None
+        k_bias = self.k_bias if self.k_bias is not None else torch.zeros_like(self.v_bias)
+        return torch.cat((self.q_bias, k_bias, self.v_bias))
+
+    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None,
+                output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states: (B, G, N, C), G independent groups (Swin windows; G = 1 for ViT).
+        attention_bias: additive, (G * heads, N, N) or broadcastable to it; the block's own relative
+        position bias (if any) is added here. Returns (B, G, N, C) and, if asked, weights (B*G, heads, N, N).
+        """
+        b, g, n, c = hidden_states.shape
+        qkv = F.linear(hidden_states, self.qkv.weight, self.qkv_bias())
+        # (B, G, N, 3, heads, d) -> 3 x (B, G * heads, N, d): groups and heads share the attention batch dim,
+        # so one (G * heads, N, N) bias broadcasts over the batch without being copied per image.
+        qkv = qkv.view(b, g, n, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
+        query, key, value = qkv.reshape(3, b, g * self.num_heads, n, self.head_dim).unbind(0)
+
+        if self.relative_position_bias is not None:
+            own_bias = self.relative_position_bias().repeat(g, 1, 1)
+            attention_bias = own_bias if attention_bias is None else attention_bias + own_bias
+        if attention_bias is not None:
+            attention_bias = attention_bias.to(query.dtype).unsqueeze(0)
+
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        context, weights = attention_fn(
+            self, query, key, value, attention_bias,
+            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, is_causal=False,
+        )
+        # (B, N, G * heads, d) -> (B, G, N, C)
+        context = context.view(b, n, g, self.num_heads * self.head_dim).transpose(1, 2)
+        output = self.proj_dropout(self.proj(context))
+        if weights is not None:
+            weights = weights.view(b * g, self.num_heads, n, n)
+        return output, weights
+
+
+class SimMIMMLP(nn.Module):
+    def __init__(self, config: SimMIMConfig, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(self.activation(self.fc1(x)))))
+
+
+# ---------------------------------------------------------------------------------------------- ViT
+class SimMIMViTEmbeddings(nn.Module):
+    """Patch projection, mask token (replacing masked patches right after the projection, as the official
+    code does), CLS token and optional absolute position embeddings."""
+
+    def __init__(self, config: SimMIMConfig):
+        super().__init__()
+        grid = config.image_size // config.patch_size
+        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.position_embeddings = (
+            nn.Parameter(torch.zeros(1, grid * grid + 1, config.hidden_size))
+            if config.use_absolute_position_embeddings else None
+        )
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + H/p * W/p, C)."""
+        patches = self.projection(pixel_values).flatten(2).transpose(1, 2)
+        if bool_masked_pos is not None:
+            masked = bool_masked_pos.unsqueeze(-1).type_as(patches)
+            patches = patches * (1.0 - masked) + self.mask_token.to(patches.dtype) * masked
+        tokens = torch.cat((self.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype), patches), dim=1)
+        if self.position_embeddings is not None:
+            tokens = tokens + self.position_embeddings
+        return self.dropout(tokens)
+
+
+class SimMIMViTLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block with optional LayerScale (lambda_1, lambda_2) and stochastic depth."""
+
+    def __init__(self, config: SimMIMConfig, layer_index: int, drop_path_rate: float):
+        super().__init__()
+        self.layer_index = layer_index
+        grid = config.image_size // config.patch_size
+        dim = config.hidden_size
+        self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attention = SimMIMAttention(
+            config, dim, config.num_attention_heads,
+            bias_grid=(grid, grid) if config.use_relative_position_bias else None, with_cls=True,
+        )
+        self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = SimMIMMLP(config, dim, config.intermediate_size)
+        use_layer_scale = config.layer_scale_init_value and config.layer_scale_init_value > 0
+        self.lambda_1 = nn.Parameter(torch.ones(dim)) if use_layer_scale else None
+        self.lambda_2 = nn.Parameter(torch.ones(dim)) if use_layer_scale else None
+        self.drop_path = DropPath(drop_path_rate)
+
+    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None,
+                output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attention(self.layernorm_before(hidden_states).unsqueeze(1), attention_bias,
+                                           output_attentions)
+        attended = attended.squeeze(1)
+        if self.lambda_1 is not None:
+            attended = self.lambda_1 * attended
+        hidden_states = hidden_states + self.drop_path(attended)
+        transformed = self.mlp(self.layernorm_after(hidden_states))
+        if self.lambda_2 is not None:
+            transformed = self.lambda_2 * transformed
+        return hidden_states + self.drop_path(transformed), weights
+
+
+class SimMIMViTEncoder(nn.Module):
+    def __init__(self, config: SimMIMConfig):
+        super().__init__()
+        grid = config.image_size // config.patch_size
+        self.relative_position_bias = (
+            SimMIMRelativePositionBias((grid, grid), config.num_attention_heads, with_cls=True)
+            if config.use_shared_relative_position_bias else None
+        )
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layers = nn.ModuleList([SimMIMViTLayer(config, i, rate) for i, rate in enumerate(rates)])
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states, output_hidden_states=False, output_attentions=False):
+        # The shared bias is gathered from its table once per forward, not once per block.
+        shared_bias = self.relative_position_bias() if self.relative_position_bias is not None else None
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, weights = layer(hidden_states, shared_bias, output_attentions)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            if output_attentions:
+                all_attentions += (weights,)
+        return hidden_states, all_hidden, all_attentions
+
+
+# ---------------------------------------------------------------------------------------------- Swin
+class SimMIMSwinEmbeddings(nn.Module):
+    """Patch projection, its LayerNorm, then the mask token (official order), optional absolute positions."""
+
+    def __init__(self, config: SimMIMConfig):
+        super().__init__()
+        grid = config.image_size // config.patch_size
+        self.projection = nn.Conv2d(config.num_channels, config.embed_dim, config.patch_size, config.patch_size)
+        self.norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps) if config.patch_norm else None
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
+        self.position_embeddings = (
+            nn.Parameter(torch.zeros(1, grid * grid, config.embed_dim))
+            if config.use_absolute_position_embeddings else None
+        )
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, H/p * W/p, embed_dim)."""
+        tokens = self.projection(pixel_values).flatten(2).transpose(1, 2)
+        if self.norm is not None:
+            tokens = self.norm(tokens)
+        if bool_masked_pos is not None:
+            masked = bool_masked_pos.unsqueeze(-1).type_as(tokens)
+            tokens = tokens * (1.0 - masked) + self.mask_token.to(tokens.dtype) * masked
+        if self.position_embeddings is not None:
+            tokens = tokens + self.position_embeddings
+        return self.dropout(tokens)
+
+
+class SimMIMSwinLayer(GradientCheckpointingLayer):
+    """Swin block: (shifted) window attention, then MLP, both pre-norm with residuals."""
+
+    def __init__(self, config: SimMIMConfig, dim: int, num_heads: int, resolution: int, shift: bool,
+                 drop_path_rate: float):
+        super().__init__()
+        # A stage no larger than the window attends globally and does not shift (as in Swin).
+        self.window_size = min(config.window_size, resolution)
+        self.shift_size = self.window_size // 2 if shift and resolution > config.window_size else 0
+        self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attention = SimMIMAttention(config, dim, num_heads, bias_grid=(self.window_size,) * 2)
+        self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = SimMIMMLP(config, dim, int(dim * config.mlp_ratio))
+        self.drop_path = DropPath(drop_path_rate)
+        # The shift mask at the configured resolution is built once; other resolutions build theirs on the fly.
+        self.resolution = resolution
+        self.register_buffer("shift_mask", self._shift_mask(resolution, resolution), persistent=False)
+
+    def _shift_mask(self, height: int, width: int) -> torch.Tensor | None:
+        if not self.shift_size:
+            return None
+        return shifted_window_mask(height, width, self.window_size, self.shift_size)
+
+    def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int], output_attentions: bool = False):
+        """hidden_states (B, H*W, C) on an H x W token grid."""
+        height, width = grid
+        b, _, c = hidden_states.shape
+        x = self.layernorm_before(hidden_states).view(b, height, width, c)
+        if self.shift_size:
+            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
+        windows = window_partition(x, self.window_size)  # (B, nW, w*w, C)
+
+        attention_bias = None
+        if self.shift_size:
+            mask = self.shift_mask if grid == (self.resolution,) * 2 else self._shift_mask(height, width).to(x)
+            # (nW, N, N) -> (nW * heads, N, N), matching the attention's (window, head) batch layout.
+            attention_bias = mask.repeat_interleave(self.attention.num_heads, dim=0)
+        attended, weights = self.attention(windows, attention_bias, output_attentions)
+
+        x = window_reverse(attended, self.window_size, height, width)
+        if self.shift_size:
+            x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        hidden_states = hidden_states + self.drop_path(x.reshape(b, height * width, c))
+        hidden_states = hidden_states + self.drop_path(self.mlp(self.layernorm_after(hidden_states)))
+        return hidden_states, weights
+
+
+class SimMIMPatchMerging(nn.Module):
+    """Halve the token grid and double the width: concatenate 2x2 neighbours (4C), norm, project to 2C."""
+
+    def __init__(self, config: SimMIMConfig, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim, eps=config.layer_norm_eps)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        height, width = grid
+        b, _, c = hidden_states.shape
+        x = hidden_states.view(b, height, width, c)
+        # Channel order x0, x1, x2, x3 = (even row, even col), (odd, even), (even, odd), (odd, odd), as in Swin.
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x.view(b, -1, 4 * c)))
+
+
+class SimMIMSwinStage(nn.Module):
+    def __init__(self, config: SimMIMConfig, stage: int, drop_path_rates: list[float]):
+        super().__init__()
+        dim = config.embed_dim * 2**stage
+        resolution = config.image_size // (config.patch_size * 2**stage)
+        self.blocks = nn.ModuleList([
+            SimMIMSwinLayer(config, dim, config.num_heads[stage], resolution, shift=i % 2 == 1,
+                            drop_path_rate=rate)
+            for i, rate in enumerate(drop_path_rates)
+        ])
+        self.downsample = SimMIMPatchMerging(config, dim) if stage < len(config.depths) - 1 else None
+
+
+class SimMIMSwinEncoder(nn.Module):
+    def __init__(self, config: SimMIMConfig):
+        super().__init__()
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        starts = [sum(config.depths[:s]) for s in range(len(config.depths))]
+        self.stages = nn.ModuleList([
+            SimMIMSwinStage(config, s, rates[start:start + depth])
+            for s, (start, depth) in enumerate(zip(starts, config.depths))
+        ])
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states, grid, output_hidden_states=False, output_attentions=False):
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for stage in self.stages:
+            for block in stage.blocks:
+                hidden_states, weights = block(hidden_states, grid, output_attentions)
+                if output_attentions:
+                    all_attentions += (weights,)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            if stage.downsample is not None:
+                hidden_states = stage.downsample(hidden_states, grid)
+                grid = (grid[0] // 2, grid[1] // 2)
+        return hidden_states, grid, all_hidden, all_attentions
+
+
+# ---------------------------------------------------------------------------------------------- models
+class SimMIMPreTrainedModel(PreTrainedModel):
+    config_class = SimMIMConfig
+    config: SimMIMConfig
+    base_model_prefix = "simmim"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SimMIMViTLayer", "SimMIMSwinLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    # Parameters exempt from weight decay besides biases and other 1-D tensors (norms, LayerScale).
+    _no_weight_decay_keywords = ("cls_token", "mask_token", "position_embeddings", "relative_position_bias_table")
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialisation of the official SimMIM code (timm-style truncated normal, std 0.02)."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            # PyTorch's default conv init, which the official code keeps for the patch projection and head.
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, (SimMIMViTEmbeddings, SimMIMSwinEmbeddings)):
+            init.trunc_normal_(module.mask_token, std=std)
+            if isinstance(module, SimMIMViTEmbeddings):
+                init.trunc_normal_(module.cls_token, std=std)
+            if module.position_embeddings is not None:
+                init.trunc_normal_(module.position_embeddings, std=std)
+        elif isinstance(module, SimMIMRelativePositionBias):
+            # BEiT-style ViT starts its tables at zero, Swin draws them like the other weights.
+            if module.with_cls:
+                init.zeros_(module.relative_position_bias_table)
+            else:
+                init.trunc_normal_(module.relative_position_bias_table, std=std)
+            init.copy_(module.relative_position_index, relative_position_index(*module.grid, module.with_cls))
+        elif isinstance(module, SimMIMAttention):
+            for bias in (module.q_bias, module.k_bias, module.v_bias):
+                if bias is not None:
+                    init.zeros_(bias)
+        elif isinstance(module, SimMIMSwinLayer):
+            if module.shift_mask is not None:
+                init.copy_(module.shift_mask, module._shift_mask(module.resolution, module.resolution))
+        elif isinstance(module, SimMIMViTLayer):
+            if module.lambda_1 is not None:
+                init.constant_(module.lambda_1, self.config.layer_scale_init_value)
+                init.constant_(module.lambda_2, self.config.layer_scale_init_value)
+            # Official ViT: shrink the residual-branch outputs of block l (1-based) by 1/sqrt(2l).
+            # Children are initialised before their parent, so this overrides their plain init.
+            for linear in (module.attention.proj, module.mlp.fc2):
+                init.trunc_normal_(linear.weight, std=std)
+                if not getattr(linear.weight, "_is_hf_initialized", False):
+                    with torch.no_grad():
+                        linear.weight.div_(math.sqrt(2.0 * (module.layer_index + 1)))
+
+    def get_layer_id_for_lr_decay(self, name: str) -> int:
+        """Depth of a parameter for layer-wise lr decay, as in the official fine-tuning code: 0 for the
+        embeddings (and a shared relative position bias), i + 1 for the i-th block counted through all stages
+        (a Swin patch merging belongs with the last block of its stage), `num_layers_for_decay + 1` for
+        everything after the encoder (final norm, heads)."""
+        name = name.removeprefix(f"{self.base_model_prefix}.")
+        if name.startswith("embeddings.") or name.startswith("encoder.relative_position_bias."):
+            return 0
+        parts = name.split(".")
+        if self.config.encoder_type == "vit" and parts[:2] == ["encoder", "layers"]:
+            return int(parts[2]) + 1
+        if self.config.encoder_type == "swin" and parts[:2] == ["encoder", "stages"]:
+            stage = int(parts[2])
+            if parts[3] == "blocks":
+                return sum(self.config.depths[:stage]) + int(parts[4]) + 1
+            return sum(self.config.depths[:stage + 1])
+        return self.config.num_layers_for_decay + 1
+
+
+class SimMIMModel(SimMIMPreTrainedModel):
+    """The SimMIM encoder (ViT or Swin per `config.encoder_type`) with its final LayerNorm."""
+
+    def __init__(self, config: SimMIMConfig):
+        super().__init__(config)
+        if config.encoder_type == "vit":
+            self.embeddings = SimMIMViTEmbeddings(config)
+            self.encoder = SimMIMViTEncoder(config)
+        else:
+            self.embeddings = SimMIMSwinEmbeddings(config)
+            self.encoder = SimMIMSwinEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.projection
+
+    def _check_inputs(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> tuple[int, int]:
+        """Validate shapes up front so that bad input fails with a message, not a reshape error deep inside."""
+        config = self.config
+        if pixel_values is None:
+            raise ValueError("`pixel_values` is required, of shape (batch, num_channels, height, width).")
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != config.num_channels:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch, {config.num_channels}, height, width); "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        height, width = pixel_values.shape[-2:]
+        p = config.patch_size
+        if height % p or width % p:
+            raise ValueError(
+                f"`pixel_values` height and width must be divisible by patch_size={p}; got {height}x{width}."
+            )
+        grid = (height // p, width // p)
+        if config.encoder_type == "vit":
+            fixed = config.use_absolute_position_embeddings or config.use_relative_position_bias or \
+                config.use_shared_relative_position_bias
+            if fixed and (height, width) != (config.image_size, config.image_size):
+                raise ValueError(
+                    f"This ViT's position embeddings/biases are sized for {config.image_size}x{config.image_size} "
+                    f"images; got pixel_values of {height}x{width}. Load the checkpoint with the target "
+                    "`image_size` to interpolate them (see `simmim_hf.transfer`)."
+                )
+        else:
+            stride = config.encoder_stride
+            if height % stride or width % stride:
+                raise ValueError(
+                    f"Swin needs height and width divisible by patch_size * 2**(stages-1) = {stride}; "
+                    f"got {height}x{width}."
+                )
+            for s in range(len(config.depths)):
+                h, w = grid[0] >> s, grid[1] >> s
+                for side in (h, w):
+                    if side > config.window_size and side % config.window_size:
+                        raise ValueError(
+                            f"Swin stage {s} has a {h}x{w} token grid, not divisible by "
+                            f"window_size={config.window_size}; got pixel_values of {height}x{width}."
+                        )
+                if min(h, w) <= config.window_size < max(h, w):
+                    raise ValueError(
+                        f"Swin stage {s} has a non-square {h}x{w} token grid smaller than the window "
+                        f"({config.window_size}) on one side only; got pixel_values of {height}x{width}."
+                    )
+        if bool_masked_pos is not None:
+            expected = (pixel_values.shape[0], grid[0] * grid[1])
+            if tuple(bool_masked_pos.shape) != expected:
+                raise ValueError(
+                    f"`bool_masked_pos` must have shape (batch, (H/p)*(W/p)) = {expected} for pixel_values "
+                    f"{tuple(pixel_values.shape)} and patch_size={p}; got {tuple(bool_masked_pos.shape)}."
+                )
+            if bool_masked_pos.dtype != torch.bool:
+                if bool_masked_pos.is_floating_point() or bool_masked_pos.is_complex():
+                    raise ValueError(f"`bool_masked_pos` must be boolean (or 0/1 integers); got {bool_masked_pos.dtype}.")
+                # Only integer masks pay for this check (a host sync); boolean masks are valid by type.
+                if ((bool_masked_pos != 0) & (bool_masked_pos != 1)).any():
+                    raise ValueError("`bool_masked_pos` must contain only 0 and 1 (or be boolean).")
+        return grid
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SimMIMModelOutput | tuple:
+        r"""
+        pixel_values (`(B, C, H, W)`): normalised images.
+        bool_masked_pos (`(B, (H/p)*(W/p))`, bool, *optional*): True where the patch is replaced by the mask token.
+        """
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else \
+            self.config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        grid = self._check_inputs(pixel_values, bool_masked_pos)
+        pixel_values = pixel_values.to(self.embeddings.projection.weight.dtype)
+
+        hidden_states = self.embeddings(pixel_values, bool_masked_pos)
+        if self.config.encoder_type == "vit":
+            hidden_states, all_hidden, all_attentions = self.encoder(
+                hidden_states, output_hidden_states, output_attentions
+            )
+            sequence = self.layernorm(hidden_states)
+            patches = sequence[:, 1:]
+            pooled = patches.mean(dim=1) if self.config.pooling == "mean" else sequence[:, 0]
+        else:
+            hidden_states, grid, all_hidden, all_attentions = self.encoder(
+                hidden_states, grid, output_hidden_states, output_attentions
+            )
+            sequence = patches = self.layernorm(hidden_states)
+            pooled = patches.mean(dim=1)
+        feature_map = patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid)
+
+        if not return_dict:
+            return tuple(v for v in (sequence, pooled, all_hidden, all_attentions, feature_map) if v is not None)
+        return SimMIMModelOutput(
+            last_hidden_state=sequence, pooler_output=pooled, hidden_states=all_hidden,
+            attentions=all_attentions, feature_map=feature_map,
+        )
+
+
+def masked_l1_loss(pixel_values: torch.Tensor, reconstruction: torch.Tensor, bool_masked_pos: torch.Tensor,
+                   patch_size: int) -> torch.Tensor:
+    """The official SimMIM loss: mean absolute error over the masked pixels and the channels.
+
+    bool_masked_pos (B, (H/p)*(W/p)) is upsampled to a pixel mask m (B, 1, H, W);
+    loss = sum(|x - x_rec| * m) / (sum(m) + 1e-5) / channels.
+    """
+    b, c, height, width = pixel_values.shape
+    mask = bool_masked_pos.reshape(b, 1, height // patch_size, 1, width // patch_size, 1)
+    mask = mask.expand(-1, -1, -1, patch_size, -1, patch_size).reshape(b, 1, height, width).to(reconstruction.dtype)
+    error = F.l1_loss(reconstruction, pixel_values.to(reconstruction.dtype), reduction="none")
+    return (error * mask).sum() / (mask.sum() + 1e-5) / c
+
+
+class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
+    """SimMIM: the encoder plus a one-layer linear head (1x1 conv + PixelShuffle) that regresses raw pixels."""
+
+    def __init__(self, config: SimMIMConfig):
+        super().__init__(config)
+        self.simmim = SimMIMModel(config)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(config.hidden_size, config.encoder_stride**2 * config.num_channels, kernel_size=1),
+            nn.PixelShuffle(config.encoder_stride),
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MaskedImageModelingOutput | tuple:
+        r"""
+        pixel_values (`(B, C, H, W)`): normalised images; also the regression target.
+        bool_masked_pos (`(B, (H/p)*(W/p))`, bool, *optional*): masked patches. Without it nothing is masked
+            and no loss is returned (the reconstruction is still computed).
+
+        Returns `MaskedImageModelingOutput(loss, reconstruction (B, C, H, W), hidden_states, attentions)`.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.simmim(
+            pixel_values, bool_masked_pos=bool_masked_pos, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions, return_dict=True,
+        )
+        reconstruction = self.decoder(outputs.feature_map)
+        loss = None
+        if bool_masked_pos is not None:
+            loss = masked_l1_loss(pixel_values, reconstruction, bool_masked_pos, self.config.patch_size)
+        if not return_dict:
+            extra = tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
+            return ((loss,) if loss is not None else ()) + (reconstruction,) + extra
+        return MaskedImageModelingOutput(
+            loss=loss, reconstruction=reconstruction, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class SimMIMForImageClassification(SimMIMPreTrainedModel):
+    """Encoder, pooled features (mean of patch tokens or CLS), LayerNorm, linear classifier."""
+
+    def __init__(self, config: SimMIMConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.simmim = SimMIMModel(config)
+        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        r"""
+        labels (`(B,)`, *optional*): class indices; with them the output carries the loss (cross-entropy for
+            single-label problems, following `config.problem_type`).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.simmim(
+            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            return_dict=True,
+        )
+        logits = self.classifier(self.fc_norm(outputs.pooler_output))
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        if not return_dict:
+            extra = tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
+            return ((loss,) if loss is not None else ()) + (logits,) + extra
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+__all__ = [
+    "SimMIMForImageClassification",
+    "SimMIMForMaskedImageModeling",
+    "SimMIMModel",
+    "SimMIMModelOutput",
+    "SimMIMPreTrainedModel",
+    "masked_l1_loss",
+]
