@@ -37,6 +37,16 @@ from .configuration_simmim import SimMIMConfig
 SHIFTED_WINDOW_MASK_VALUE = -100.0
 
 
+# `save_pretrained` writes only the saved class into config.json's `auto_map`; a Hub checkpoint should load
+# through every Auto class, so the model fills in all of them (the files they name are saved alongside).
+AUTO_MAP = {
+    "AutoConfig": "configuration_simmim.SimMIMConfig",
+    "AutoModel": "modeling_simmim.SimMIMModel",
+    "AutoModelForMaskedImageModeling": "modeling_simmim.SimMIMForMaskedImageModeling",
+    "AutoModelForImageClassification": "modeling_simmim.SimMIMForImageClassification",
+}
+
+
 # ---------------------------------------------------------------------------------------------- outputs
 @dataclass
 class SimMIMModelOutput(BaseModelOutputWithPooling):
@@ -520,6 +530,11 @@ class SimMIMPreTrainedModel(PreTrainedModel):
                     with torch.no_grad():
                         linear.weight.div_(math.sqrt(2.0 * (module.layer_index + 1)))
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Entries already present (e.g. "repo--module.Class" references of a model loaded from the Hub) win.
+        self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def get_layer_id_for_lr_decay(self, name: str) -> int:
         """Depth of a parameter for layer-wise lr decay, as in the official fine-tuning code: 0 for the
         embeddings (and a shared relative position bias), i + 1 for the i-th block counted through all stages
@@ -541,6 +556,9 @@ class SimMIMPreTrainedModel(PreTrainedModel):
 
 class SimMIMModel(SimMIMPreTrainedModel):
     """The SimMIM encoder (ViT or Swin per `config.encoder_type`) with its final LayerNorm."""
+
+    # Loading the encoder (or a classifier) from a pretraining checkpoint drops its head on purpose.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
 
     def __init__(self, config: SimMIMConfig):
         super().__init__(config)
@@ -723,6 +741,8 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
 
 class SimMIMForImageClassification(SimMIMPreTrainedModel):
     """Encoder, pooled features (mean of patch tokens or CLS), LayerNorm, linear classifier."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
 
     def __init__(self, config: SimMIMConfig):
         super().__init__(config)
