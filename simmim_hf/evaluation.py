@@ -1,0 +1,190 @@
+"""Quick evaluations of a SimMIM encoder: features from a chosen layer, linear probing and k-NN.
+
+* `extract_features`: the frozen encoder's features for a dataloader, average-pooled patch tokens of one
+  layer (`output_hidden_states`), e.g. block 8 of ViT-B as in the paper's linear-probing study.
+* `LinearProbe`: frozen encoder + BatchNorm-free linear head. MAE and others put a BatchNorm (without
+  affine parameters) in front of the probe; here the pooled features are standardised per example by a
+  LayerNorm without parameters, which needs no running statistics, behaves the same for any batch size and
+  number of processes, and keeps the head a linear classifier of normalised features.
+* `knn_predict` / `knn_evaluate`: weighted k-NN on cosine similarity (the protocol of DINO), a
+  training-free check of a pretraining run.
+
+Not Hub-facing: imports freely from the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import ImageClassifierOutput
+
+
+def pool_tokens(hidden_state: torch.Tensor, has_cls_token: bool) -> torch.Tensor:
+    """Average the patch tokens of a (B, L, C) hidden state (the CLS token, if any, left out), or a
+    (B, C, H, W) feature map over its positions; returns (B, C)."""
+    if hidden_state.ndim == 4:
+        return hidden_state.mean(dim=(2, 3))
+    if hidden_state.ndim != 3:
+        raise ValueError(f"Expected a (B, L, C) or (B, C, H, W) hidden state; got shape {tuple(hidden_state.shape)}.")
+    return (hidden_state[:, 1:] if has_cls_token else hidden_state).mean(dim=1)
+
+
+def _encoder(model: nn.Module) -> nn.Module:
+    # Accept SimMIMModel or any model with the encoder under `base_model_prefix` (MIM model, classifier).
+    prefix = getattr(model, "base_model_prefix", None)
+    return getattr(model, prefix, model) if prefix and hasattr(model, prefix) else model
+
+
+def encoder_features(encoder: nn.Module, pixel_values: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    """Pooled features (B, C) of `layer`.
+
+    `layer` indexes `hidden_states`: ViT: 0 = patch embeddings, i = output of block i (1-based), so ViT-B's
+    block 8 is `layer=8`; Swin: i = output of stage i. `None` = the encoder's own pooled output (after its
+    final LayerNorm), which is what fine-tuning starts from.
+    """
+    encoder = _encoder(encoder)
+    if layer is None:
+        return encoder(pixel_values).pooler_output
+    outputs = encoder(pixel_values, output_hidden_states=True)
+    hidden_states = outputs.hidden_states
+    if not -len(hidden_states) <= layer < len(hidden_states):
+        raise ValueError(
+            f"`layer` must index the encoder's {len(hidden_states)} hidden states (0 = embeddings, "
+            f"{len(hidden_states) - 1} = last block/stage) or be None; got layer={layer}."
+        )
+    return pool_tokens(hidden_states[layer], has_cls_token=encoder.config.encoder_type == "vit")
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    dataloader: Iterable[dict],
+    layer: int | None = None,
+    device: torch.device | str | None = None,
+    label_key: str = "labels",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (N, C) (float32, on CPU) and labels (N,) of every batch of `dataloader` (dicts with
+    `pixel_values` and `label_key`), with the encoder in eval mode."""
+    encoder = _encoder(model)
+    was_training = encoder.training
+    encoder.eval()
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    features, labels = [], []
+    try:
+        for batch in dataloader:
+            pixel_values = batch["pixel_values"].to(device, non_blocking=True)
+            features.append(encoder_features(encoder, pixel_values, layer).float())
+            labels.append(torch.as_tensor(batch[label_key]))
+    finally:
+        encoder.train(was_training)
+    # One transfer at the end rather than a host sync per batch.
+    return torch.cat(features).cpu(), torch.cat(labels).cpu()
+
+
+class LinearProbe(nn.Module):
+    """A frozen SimMIM encoder with a BatchNorm-free linear classifier on the pooled features of `layer`.
+
+    The encoder's parameters get `requires_grad=False` and the encoder stays in eval mode (no drop path)
+    even when the probe is put in train mode, so training the probe cannot change it; only `head` learns.
+    The forward signature and output match `SimMIMForImageClassification`.
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int, layer: int | None = None, normalize: bool = True):
+        super().__init__()
+        self.encoder = _encoder(encoder)
+        self.encoder.requires_grad_(False)
+        self.encoder.eval()
+        self.layer = layer
+        self.config = self.encoder.config
+        hidden_size = self._feature_width()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6) if normalize else nn.Identity()
+        self.head = nn.Linear(hidden_size, num_labels)
+        # MAE's probe init: a small normal so that the first logits are near uniform.
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def _feature_width(self) -> int:
+        config = self.config
+        if self.layer is None or config.encoder_type == "vit":
+            return config.hidden_size
+        # Swin hidden_states: embeddings (stage-0 width) then one per stage, before its patch merging.
+        num = len(config.depths) + 1
+        index = self.layer % num
+        return config.embed_dim * 2 ** max(0, index - 1)
+
+    def train(self, mode: bool = True) -> "LinearProbe":
+        super().train(mode)
+        self.encoder.eval()  # frozen: always the deterministic inference path
+        return self
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> ImageClassifierOutput:
+        with torch.no_grad():
+            features = encoder_features(self.encoder, pixel_values, self.layer)
+        logits = self.head(self.norm(features.float()))
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+@torch.no_grad()
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Class scores (Q, num_classes) of weighted k-NN: the k most cosine-similar training examples vote
+    for their label with weight exp(similarity / temperature) (DINO's protocol)."""
+    if train_features.shape[0] != train_labels.shape[0]:
+        raise ValueError(
+            f"`train_features` ({train_features.shape[0]} rows) and `train_labels` ({train_labels.shape[0]}) "
+            "must have the same length."
+        )
+    k = min(k, train_features.shape[0])
+    train = F.normalize(train_features.float(), dim=1)
+    train_labels = train_labels.long()
+    scores = []
+    for start in range(0, query_features.shape[0], chunk_size):
+        query = F.normalize(query_features[start:start + chunk_size].float(), dim=1)
+        similarity, index = (query @ train.T).topk(k, dim=1)
+        weights = (similarity / temperature).exp()
+        votes = torch.zeros(query.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
+        votes.scatter_add_(1, train_labels[index], weights)
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def knn_evaluate(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int | None = None,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> dict[str, float]:
+    """Top-1 (and top-5 when there are >= 5 classes) accuracy of `knn_predict` on the test features."""
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    scores = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature)
+    top = scores.topk(min(5, num_classes), dim=1).indices
+    hits = top == test_labels.long()[:, None]
+    result = {"accuracy": hits[:, 0].float().mean().item()}
+    if num_classes >= 5:
+        result["top5_accuracy"] = hits.any(dim=1).float().mean().item()
+    return result
+
+
+__all__ = [
+    "LinearProbe",
+    "encoder_features",
+    "extract_features",
+    "knn_evaluate",
+    "knn_predict",
+    "pool_tokens",
+]
