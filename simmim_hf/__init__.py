@@ -6,12 +6,14 @@ Importing the package registers `model_type="simmim"` with the Auto classes, so 
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForMaskedImageModeling,
 )
 
 from .configuration_simmim import PRESETS, SimMIMConfig
+from .image_processing_simmim import SimMIMImageProcessor
 from .modeling_simmim import (
     SimMIMForImageClassification,
     SimMIMForMaskedImageModeling,
@@ -26,6 +28,7 @@ AutoConfig.register("simmim", SimMIMConfig, exist_ok=True)
 AutoModel.register(SimMIMConfig, SimMIMModel, exist_ok=True)
 AutoModelForMaskedImageModeling.register(SimMIMConfig, SimMIMForMaskedImageModeling, exist_ok=True)
 AutoModelForImageClassification.register(SimMIMConfig, SimMIMForImageClassification, exist_ok=True)
+AutoImageProcessor.register(SimMIMConfig, image_processor_classes={"pil": SimMIMImageProcessor}, exist_ok=True)
 
 # `save_pretrained` then copies the code and writes `auto_map`, so checkpoints load with
 # `trust_remote_code=True` where simmim_hf is not installed.
@@ -33,12 +36,14 @@ SimMIMConfig.register_for_auto_class("AutoConfig")
 SimMIMModel.register_for_auto_class("AutoModel")
 SimMIMForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
 SimMIMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+SimMIMImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "PRESETS",
     "SimMIMConfig",
     "SimMIMForImageClassification",
     "SimMIMForMaskedImageModeling",
+    "SimMIMImageProcessor",
     "SimMIMModel",
     "SimMIMPreTrainedModel",
     "masked_l1_loss",

@@ -1,0 +1,454 @@
+"""Image processor for SimMIM: augmentation, normalisation and mask generation in one object.
+
+`SimMIMImageProcessor` turns raw images into exactly what `SimMIMForMaskedImageModeling` takes:
+`pixel_values` (float, `(B, 3, H, W)`) and `bool_masked_pos` (bool, `(B, (H / p) * (W / p))`, True =
+masked). It follows the official SimMIM data pipeline (microsoft/SimMIM, `data/data_simmim.py`):
+
+    pretraining (do_train=True):  RGB -> RandomResizedCrop(size, scale=(0.67, 1), ratio=(3/4, 4/3), bilinear)
+                                  -> RandomHorizontalFlip -> to float -> Normalize(ImageNet) ; + mask
+    evaluation (do_train=False):  RGB -> Resize(shorter side to size / crop_pct, bicubic) -> CenterCrop(size)
+                                  -> to float -> Normalize(ImageNet) ; mask only if return_mask=True
+
+Hub-facing module (copied next to the weights for `trust_remote_code`): it imports its sibling
+`masking` relatively and otherwise only torch, numpy, PIL and transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_transforms import convert_to_rgb
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ChannelDimension,
+    PILImageResampling,
+    SizeDict,
+    infer_channel_dimension_format,
+)
+from transformers.processing_utils import ImagesKwargs, Unpack
+
+from .masking import SimMIMMaskGenerator, validate_mask_settings
+
+# PIL modes that hold more than 8 bits per pixel. `Image.convert("RGB")` *clips* them to 0..255 (a 16-bit
+# scan becomes almost white), so they are rescaled to [0, 1] floats instead.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_FLOAT_ATOL = 1e-3  # float inputs may overshoot [0, 1] by this much (resampling / compression noise)
+
+
+class SimMIMImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    do_train (`bool`, *optional*, defaults to `self.do_train`):
+        Pretraining transform (random resized crop + flip + mask) if `True`, evaluation transform
+        (resize + center crop, no flip, no mask unless `return_mask=True`) if `False`.
+    return_mask (`bool`, *optional*):
+        Whether to return `bool_masked_pos`. Defaults to `do_train`.
+    crop_scale (`tuple[float, float]`, *optional*, defaults to `(0.67, 1.0)`):
+        Range of the crop area, as a fraction of the image area (RandomResizedCrop `scale`).
+    crop_ratio (`tuple[float, float]`, *optional*, defaults to `(3/4, 4/3)`):
+        Range of the crop aspect ratio, width / height (RandomResizedCrop `ratio`).
+    flip_prob (`float`, *optional*, defaults to 0.5):
+        Probability of a horizontal flip in the pretraining transform.
+    crop_pct (`float`, *optional*, defaults to 0.875):
+        Evaluation: the image is resized so that the crop covers `crop_pct` of it (224 -> 256 -> 224).
+    eval_resample (`PILImageResampling`, *optional*, defaults to `BICUBIC`):
+        Resampling filter of the evaluation resize (`resample`, bilinear, is the pretraining crop's).
+    patch_size (`int`, *optional*, defaults to 16):
+        The model's patch size p; `bool_masked_pos` has `(H / p) * (W / p)` entries.
+    mask_patch_size (`int`, *optional*, defaults to 32):
+        Side of one mask unit in pixels; a multiple of `patch_size` dividing both sides of `size`.
+    mask_ratio (`float`, *optional*, defaults to 0.6):
+        Fraction of mask units masked, in (0, 1): exactly `ceil(num_units * mask_ratio)` per image.
+    mask_strategy (`str`, *optional*, defaults to `"random"`):
+        `"random"` (the paper), `"block"` (BEiT-style block-wise) or `"central"` (the paper's ablation).
+    seed (`int` or `list[int]`, *optional*):
+        An int seeds one generator for the whole call. A list (one seed per image) makes image i's crop,
+        flip and mask a pure function of `seed[i]`, independent of the rest of the batch.
+    generator (`torch.Generator`, *optional*):
+        Generator to draw from (and advance) when `seed` is not given; default: torch's global generator.
+    """
+
+    do_train: bool | None
+    return_mask: bool | None
+    crop_scale: list[float] | tuple[float, ...] | None
+    crop_ratio: list[float] | tuple[float, ...] | None
+    flip_prob: float | None
+    crop_pct: float | None
+    eval_resample: PILImageResampling | int | None
+    patch_size: int | None
+    mask_patch_size: int | None
+    mask_ratio: float | None
+    mask_strategy: str | None
+    seed: int | list[int] | None
+    generator: torch.Generator | None
+
+
+class SimMIMImageProcessor(PilBackend):
+    r"""
+    Constructs a SimMIM image processor (PIL/numpy backend, CPU).
+
+    Accepts a PIL image (any mode: RGB, L, LA, P, RGBA, CMYK, I;16, I, F, ...), a numpy array or torch
+    tensor (`(H, W)`, `(H, W, C)` or `(C, H, W)` with C in {1, 3, 4}; uint8, uint16, or float in [0, 1]),
+    or a list of them, of any sizes. Returns a [`BatchFeature`] with
+
+    - `pixel_values`: float32 `(B, 3, H, W)`, normalised with `image_mean` / `image_std`;
+    - `bool_masked_pos`: bool `(B, (H / patch_size) * (W / patch_size))`, row-major, True = masked
+      (pretraining transform, or `return_mask=True`).
+
+    See [`SimMIMImageProcessorKwargs`] for the SimMIM-specific arguments; every argument can be given at
+    construction (saved in `preprocessor_config.json`) or per call.
+
+    Example:
+        ```python
+        >>> processor = SimMIMImageProcessor.from_config(SimMIMConfig.from_preset("swin-base-w6-192"))
+        >>> batch = processor(images, return_tensors="pt", seed=[17, 18])   # per-image seeds
+        >>> batch["pixel_values"].shape, batch["bool_masked_pos"].shape
+        (torch.Size([2, 3, 192, 192]), torch.Size([2, 2304]))
+        ```
+    """
+
+    valid_kwargs = SimMIMImageProcessorKwargs
+    model_input_names = ["pixel_values", "bool_masked_pos"]
+
+    do_convert_rgb = True
+    size = {"height": 224, "width": 224}
+    resample = PILImageResampling.BILINEAR  # torchvision RandomResizedCrop's default, as in the official code
+    eval_resample = PILImageResampling.BICUBIC
+    do_resize = True
+    do_rescale = True
+    do_normalize = True
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    do_train = True
+    return_mask = None
+    crop_scale = (0.67, 1.0)
+    crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+    flip_prob = 0.5
+    crop_pct = 0.875
+    patch_size = 16
+    mask_patch_size = 32
+    mask_ratio = 0.6
+    mask_strategy = "random"
+
+    def __init__(self, **kwargs: Unpack[SimMIMImageProcessorKwargs]):
+        for name in ("seed", "generator"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"`{name}` is a per-call argument (processor(images, {name}=...)); it cannot be "
+                                 f"stored in the processor. Got {name}={kwargs[name]!r} at construction.")
+        super().__init__(**kwargs)
+        self._validate_simmim_kwargs(
+            size=self.size, crop_scale=self.crop_scale, crop_ratio=self.crop_ratio, flip_prob=self.flip_prob,
+            crop_pct=self.crop_pct, patch_size=self.patch_size, mask_patch_size=self.mask_patch_size,
+            mask_ratio=self.mask_ratio, mask_strategy=self.mask_strategy,
+        )
+
+    @classmethod
+    def from_config(cls, config, **kwargs) -> "SimMIMImageProcessor":
+        """Build the processor matching a `SimMIMConfig`: `size` from `image_size`, `patch_size`,
+        `mask_patch_size` and `mask_ratio` from the config; `kwargs` override any argument."""
+        if getattr(config, "num_channels", 3) != 3:
+            raise ValueError(f"SimMIMImageProcessor produces RGB images; got config.num_channels={config.num_channels}.")
+        settings = dict(
+            size={"height": config.image_size, "width": config.image_size},
+            patch_size=config.patch_size,
+            mask_patch_size=config.mask_patch_size,
+            mask_ratio=config.mask_ratio,
+        )
+        settings.update(kwargs)
+        return cls(**settings)
+
+    # ------------------------------------------------------------------ validation
+    def _standardize_kwargs(self, crop_scale=None, crop_ratio=None, **kwargs) -> dict:
+        kwargs = super()._standardize_kwargs(**kwargs)
+        # JSON turns the (min, max) pairs into lists; keep tuples so saved and loaded processors compare equal.
+        kwargs["crop_scale"] = tuple(crop_scale) if isinstance(crop_scale, list) else crop_scale
+        kwargs["crop_ratio"] = tuple(crop_ratio) if isinstance(crop_ratio, list) else crop_ratio
+        return kwargs
+
+    def _validate_preprocess_kwargs(self, **kwargs):
+        super()._validate_preprocess_kwargs(**kwargs)
+        self._validate_simmim_kwargs(**kwargs)
+
+    @staticmethod
+    def _validate_simmim_kwargs(
+        size=None, crop_scale=None, crop_ratio=None, flip_prob=None, crop_pct=None, patch_size=None,
+        mask_patch_size=None, mask_ratio=None, mask_strategy=None, **kwargs,
+    ) -> None:
+        if size is None or size.height is None or size.width is None:
+            raise ValueError(f"`size` must give the output height and width, e.g. 192 or "
+                             f"{{'height': 192, 'width': 256}}; got size={dict(size) if size else size!r}.")
+        # Checks size % mask_patch_size, mask_patch_size % patch_size, mask_ratio and mask_strategy.
+        validate_mask_settings((size.height, size.width), patch_size, mask_patch_size, mask_ratio, mask_strategy)
+        for name, value in (("crop_scale", crop_scale), ("crop_ratio", crop_ratio)):
+            if (
+                not isinstance(value, (list, tuple)) or len(value) != 2
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in value)
+                or value[0] > value[1]
+            ):
+                raise ValueError(f"`{name}` must be a (min, max) pair of positive numbers with min <= max; "
+                                 f"got {name}={value!r}.")
+        if crop_scale[1] > 1:
+            raise ValueError(f"`crop_scale` is a fraction of the image area, at most 1; got crop_scale={crop_scale!r}.")
+        if not isinstance(flip_prob, (int, float)) or not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"`flip_prob` must lie in [0, 1]; got flip_prob={flip_prob!r}.")
+        if not isinstance(crop_pct, (int, float)) or not 0.0 < crop_pct <= 1.0:
+            raise ValueError(f"`crop_pct` must lie in (0, 1]; got crop_pct={crop_pct!r}.")
+
+    # ------------------------------------------------------------------ input preparation
+    def _prepare_images_structure(self, images, expected_ndims: int = 3) -> list:
+        """Flatten the input into a list of single images: one image, a list (or a list of lists) of images,
+        or a 4-d array/tensor `(B, ...)`. transformers' `make_flat_list_of_images` rejects 2-d (grayscale)
+        arrays, hence this version."""
+
+        def flatten(item, depth):
+            if isinstance(item, str):  # a local path or URL, loaded by transformers' `load_image`
+                item = self.fetch_images(item)
+            if isinstance(item, PIL.Image.Image):
+                return [item]
+            if isinstance(item, (np.ndarray, torch.Tensor)):
+                return list(item) if item.ndim == 4 else [item]
+            if isinstance(item, (list, tuple)) and depth < 2:
+                return [image for sub in item for image in flatten(sub, depth + 1)]
+            raise ValueError(f"`images` must be a PIL image, numpy array, torch tensor or a list of them; "
+                             f"got an element of type {type(item).__name__}.")
+
+        flat = flatten(images, 0)
+        if not flat:
+            raise ValueError(f"`images` is empty; got images={images!r}. Pass at least one image.")
+        return flat
+
+    def process_image(self, image, do_convert_rgb: bool | None = None, input_data_format=None, **kwargs):
+        """Bring one input to the working format: a PIL RGB image (8-bit data, resampled by PIL in uint8, the
+        fast path) or a float32 `(3, H, W)` array in [0, 1] (float and 16-bit data, resampled per channel
+        in PIL's float mode so no precision is lost)."""
+        if isinstance(image, PIL.Image.Image):
+            return _pil_to_working(image)
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+        if not isinstance(image, np.ndarray):
+            raise ValueError(f"`images` must hold PIL images, numpy arrays or torch tensors; got {type(image).__name__}.")
+        return _array_to_working(image, input_data_format)
+
+    # ------------------------------------------------------------------ the transform
+    def _preprocess(
+        self,
+        images: list,
+        size: SizeDict,
+        resample,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean,
+        image_std,
+        return_tensors=None,
+        do_train: bool = True,
+        return_mask: bool | None = None,
+        crop_scale=(0.67, 1.0),
+        crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
+        flip_prob: float = 0.5,
+        crop_pct: float = 0.875,
+        eval_resample=PILImageResampling.BICUBIC,
+        patch_size: int = 16,
+        mask_patch_size: int = 32,
+        mask_ratio: float = 0.6,
+        mask_strategy: str = "random",
+        seed: int | list[int] | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        batch_size, out_hw = len(images), (size.height, size.width)
+        generators = None
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != batch_size:
+                raise ValueError(f"`seed` as a list needs one seed per image ({batch_size} images); "
+                                 f"got {len(seed)} seeds.")
+            generators = [torch.Generator().manual_seed(int(s)) for s in seed]
+        elif seed is not None:
+            generator = torch.Generator().manual_seed(int(seed))
+
+        pixel_values = torch.empty(batch_size, 3, *out_hw, dtype=torch.float32)
+        is_8bit = torch.empty(batch_size, dtype=torch.bool)
+        for i, image in enumerate(images):
+            g = generators[i] if generators is not None else generator
+            if do_train:
+                pixels = _random_resized_crop_flip(image, out_hw, crop_scale, crop_ratio, flip_prob, resample, g)
+            else:
+                pixels = _resize_center_crop(image, out_hw, crop_pct, eval_resample)
+            is_8bit[i] = pixels.dtype == np.uint8
+            # uint8 HWC -> float CHW in one strided copy (the conversion and the transpose fused).
+            pixel_values[i].copy_(torch.from_numpy(pixels).permute(2, 0, 1) if is_8bit[i] else torch.from_numpy(pixels))
+
+        # x * (rescale / std) - mean / std: rescaling and normalisation fused into two in-place passes.
+        mean = torch.tensor(image_mean if do_normalize else (0.0, 0.0, 0.0), dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(image_std if do_normalize else (1.0, 1.0, 1.0), dtype=torch.float32).view(1, 3, 1, 1)
+        # Float inputs are already in [0, 1]; only 8-bit data is rescaled (or left in 0..255 if do_rescale=False).
+        scale = torch.where(is_8bit, rescale_factor if do_rescale else 1.0, 1.0 if do_rescale else 255.0)
+        pixel_values.mul_(scale.view(-1, 1, 1, 1) / std)
+        if do_normalize:
+            pixel_values.sub_(mean / std)
+        data = {"pixel_values": pixel_values}
+
+        if return_mask if return_mask is not None else do_train:
+            mask_generator = _mask_generator(out_hw, patch_size, mask_patch_size, mask_ratio, mask_strategy)
+            data["bool_masked_pos"] = mask_generator(batch_size, generator=generator, generators=generators)
+
+        if return_tensors is None:  # transformers' convention: lists of numpy arrays
+            data = {key: list(value.numpy()) for key, value in data.items()}
+        elif str(return_tensors) in ("np", "TensorType.NUMPY"):
+            data = {key: value.numpy() for key, value in data.items()}
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+
+# ---------------------------------------------------------------------- helpers
+@lru_cache(maxsize=16)
+def _mask_generator(size, patch_size, mask_patch_size, mask_ratio, strategy) -> SimMIMMaskGenerator:
+    # Module-level cache: the processor's __dict__ is serialised to JSON, so it must not hold the generator.
+    return SimMIMMaskGenerator(size, patch_size, mask_patch_size, mask_ratio, strategy)
+
+
+def _pil_to_working(image: PIL.Image.Image):
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"`images` contains an empty image of size {image.size}.")
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        gray = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
+        return np.repeat(gray[None], 3, axis=0)
+    if image.mode == "F":
+        return _array_to_working(np.asarray(image, dtype=np.float32), ChannelDimension.LAST)
+    # Every other mode (L, LA, P, PA, RGBA, CMYK, YCbCr, 1, ...): transformers' conversion, which composites
+    # transparency onto white rather than exposing whatever colour the transparent pixels happen to hold.
+    return PIL.Image.fromarray(convert_to_rgb(image, return_numpy=True))
+
+
+def _array_to_working(array: np.ndarray, input_data_format=None):
+    if array.ndim == 2:
+        array = array[..., None]
+        input_data_format = ChannelDimension.LAST
+    if array.ndim != 3:
+        raise ValueError(f"`images` arrays must have shape (H, W), (H, W, C) or (C, H, W) with C in (1, 3, 4); "
+                         f"got an array of shape {tuple(array.shape)}.")
+    if input_data_format is None:
+        try:
+            input_data_format = infer_channel_dimension_format(array, num_channels=(1, 3, 4))
+        except ValueError:
+            raise ValueError(f"`images` arrays must have 1, 3 or 4 channels, first or last; got an array of "
+                             f"shape {tuple(array.shape)}.") from None
+    hwc = np.moveaxis(array, 0, -1) if ChannelDimension(input_data_format) == ChannelDimension.FIRST else array
+    height, width, channels = hwc.shape
+    if channels not in (1, 3, 4) or height == 0 or width == 0:
+        raise ValueError(f"`images` arrays must be non-empty with 1, 3 or 4 channels; got shape {tuple(array.shape)}.")
+
+    if hwc.dtype == np.uint8:
+        if channels == 3:
+            return PIL.Image.fromarray(np.ascontiguousarray(hwc))
+        return PIL.Image.fromarray(convert_to_rgb(hwc, return_numpy=True, input_data_format=ChannelDimension.LAST))
+    if hwc.dtype == np.uint16:
+        hwc = hwc.astype(np.float32) / 65535.0
+    elif hwc.dtype.kind == "f":
+        hwc = hwc.astype(np.float32, copy=False)
+        if not np.isfinite(hwc).all():
+            raise ValueError("`images` contains NaN or infinite pixel values; got a float array with non-finite entries.")
+        low, high = float(hwc.min()), float(hwc.max())
+        if low < -_FLOAT_ATOL or high > 1.0 + _FLOAT_ATOL:
+            raise ValueError(f"`images` float arrays must hold values in [0, 1]; got values in [{low:g}, {high:g}]. "
+                             f"Pass uint8 data for 0..255 images.")
+        hwc = np.clip(hwc, 0.0, 1.0)
+    else:
+        raise ValueError(f"`images` arrays must be uint8, uint16 or floating point; got dtype={hwc.dtype}.")
+
+    if channels == 1:
+        hwc = np.repeat(hwc, 3, axis=-1)
+    elif channels == 4:  # composite onto white, as for PIL images with transparency
+        alpha = hwc[..., 3:]
+        hwc = hwc[..., :3] * alpha + (1.0 - alpha)
+    return np.ascontiguousarray(np.moveaxis(hwc, -1, 0), dtype=np.float32)
+
+
+def _image_hw(image) -> tuple[int, int]:
+    return (image.height, image.width) if isinstance(image, PIL.Image.Image) else image.shape[1:]
+
+
+def _resample(image, box, out_hw, resample, flip: bool = False) -> np.ndarray:
+    """Resize the region `box` = (left, top, right, bottom) of `image` to `out_hw` in one PIL call (crop and
+    resize fused: no intermediate crop is materialised, and the filter may read just outside the box, as a
+    continuous-domain resize should).
+
+    Returns uint8 `(H, W, 3)` for a PIL RGB image, float32 `(3, H, W)` for a float working image.
+    transformers' `image_transforms.resize` is bypassed: it round-trips numpy -> PIL -> numpy per call
+    and has no `box`, which costs a full-size crop copy and two conversions per image.
+    """
+    size = (out_hw[1], out_hw[0])
+    if isinstance(image, PIL.Image.Image):
+        out = image.resize(size, resample=resample, box=box)
+        if flip:
+            out = out.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.array(out)  # writable (torch.from_numpy warns on the read-only np.asarray view)
+    planes = []
+    for plane in image:
+        out = PIL.Image.fromarray(plane).resize(size, resample=resample, box=box)
+        if flip:
+            out = out.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+        planes.append(np.asarray(out))
+    # Bicubic overshoots; clip like the uint8 path (which PIL saturates) so both stay in [0, 1].
+    return np.clip(np.stack(planes), 0.0, 1.0)
+
+
+def _crop_params(height: int, width: int, scale, ratio, u: np.ndarray) -> tuple[int, int, int, int]:
+    """torchvision's `RandomResizedCrop.get_params` on pre-drawn uniforms `u` (10 attempts x 4):
+    returns (top, left, crop_height, crop_width)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for u_area, u_ratio, u_top, u_left in u.reshape(10, 4):
+        target_area = area * (scale[0] + u_area * (scale[1] - scale[0]))
+        aspect = math.exp(log_ratio[0] + u_ratio * (log_ratio[1] - log_ratio[0]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w
+    # Fallback, as torchvision: the largest central crop with the ratio clamped into range.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _random_resized_crop_flip(image, out_hw, scale, ratio, flip_prob, resample, generator) -> np.ndarray:
+    # One generator call per image: 40 uniforms for the crop attempts, 1 for the flip.
+    u = torch.rand(41, generator=generator, dtype=torch.float64).numpy()
+    top, left, h, w = _crop_params(*_image_hw(image), scale, ratio, u[:40])
+    return _resample(image, (left, top, left + w, top + h), out_hw, resample, flip=bool(u[40] < flip_prob))
+
+
+def eval_resize_shape(height: int, width: int, out_hw, crop_pct: float) -> tuple[int, int]:
+    """Size the evaluation resize produces before the center crop: the smallest aspect-preserving resize
+    covering `out / crop_pct` in both sides (for a square output: shorter side to `int(size / crop_pct)`,
+    the longer side truncated as torchvision's `Resize(int)` does)."""
+    target_h, target_w = int(out_hw[0] / crop_pct), int(out_hw[1] / crop_pct)
+    if target_h / height >= target_w / width:
+        return target_h, max(target_w, int(width * target_h / height))
+    return max(target_h, int(height * target_w / width)), target_w
+
+
+def _resize_center_crop(image, out_hw, crop_pct, resample) -> np.ndarray:
+    height, width = _image_hw(image)
+    new_h, new_w = eval_resize_shape(height, width, out_hw, crop_pct)
+    resized = _resample(image, None, (new_h, new_w), resample)
+    # torchvision's CenterCrop offsets (round, not floor).
+    top, left = int(round((new_h - out_hw[0]) / 2.0)), int(round((new_w - out_hw[1]) / 2.0))
+    if resized.dtype == np.uint8:
+        return np.ascontiguousarray(resized[top : top + out_hw[0], left : left + out_hw[1]])
+    return np.ascontiguousarray(resized[:, top : top + out_hw[0], left : left + out_hw[1]])
+
+
+__all__ = ["SimMIMImageProcessor"]
