@@ -665,7 +665,12 @@ def _load_transformers_model(path):
     local = Path(path)
     if local.exists() and not (local / "config.json").is_file():
         raise ValueError(f"`checkpoint` {str(path)!r} is not a transformers model folder (no config.json).")
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as error:
+        raise ValueError(
+            f"`checkpoint` {str(path)!r} is neither a transformers model folder nor a reachable Hub id: {error}"
+        ) from error
     classes = {"vit": ViTForMaskedImageModeling, "swin": SwinForMaskedImageModeling}
     if config.model_type not in classes:
         raise ValueError(
