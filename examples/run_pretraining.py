@@ -317,10 +317,11 @@ class MIMCollator:
 
     Also usable as a `transformers.Trainer` data collator with `MIMDataset` (`remove_unused_columns=False`)."""
 
-    def __init__(self, processor, seed: int, do_train: bool = True):
+    def __init__(self, processor, seed: int, do_train: bool = True, return_extras: bool = True):
         self.processor = processor
         self.seed = int(seed)
         self.do_train = do_train
+        self.return_extras = return_extras  # False for Trainer: it passes every batch key to the model
 
     def __call__(self, examples: list[dict]) -> dict:
         readable = [e for e in examples if e["image"] is not None]
@@ -334,11 +335,11 @@ class MIMCollator:
             [e["image"] for e in readable], seed=seeds, do_train=self.do_train, return_mask=True,
             return_tensors="pt",
         )
-        return {
-            "pixel_values": batch["pixel_values"],
-            "bool_masked_pos": batch["bool_masked_pos"],
-            "num_unreadable": torch.tensor(num_unreadable),
-        }
+        out = {"pixel_values": batch["pixel_values"], "bool_masked_pos": batch["bool_masked_pos"]}
+        if self.return_extras:
+            out["num_unreadable"] = torch.tensor(num_unreadable)
+            out["sample_keys"] = torch.tensor([e["key"] for e in readable], dtype=torch.long)
+        return out
 
 
 def _pick_image_column(features, requested: str | None, where: str) -> str:
@@ -732,6 +733,9 @@ def main(argv=None) -> int:
             if args.streaming:
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             unreadable += batch["num_unreadable"].to(unreadable.device)
+            if global_step == 0 and batches_in_epoch == 0:
+                # Once per run (one sync): shows that every rank trains on its own shard.
+                logger.info(f"First batch sample indices: {batch['sample_keys'].tolist()}", main_process_only=False)
             with accelerator.accumulate(model):
                 outputs = model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"])
                 loss = outputs.loss
@@ -834,6 +838,10 @@ def main(argv=None) -> int:
         visualize(model, vis_batch, processor, accelerator, output_dir / "reconstruction.png", config.patch_size)
 
     accelerator.wait_for_everyone()
+    if accelerator.distributed_type != DistributedType.FSDP:
+        # Per-rank fingerprint of the final weights: identical on every rank if DDP kept them in sync.
+        checksum = sum(p.detach().double().abs().sum() for p in model.parameters()).item()
+        logger.info(f"Final weights checksum: {checksum:.12e}", main_process_only=False)
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP (gathers the shards)
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict)
