@@ -1,0 +1,321 @@
+"""Core model tests on the tiny presets: forward/backward, the SimMIM loss, attention paths, gradient
+checkpointing, other resolutions, save/load (also through `trust_remote_code` without simmim_hf), and every
+ValueError of the config and of the input validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_without_simmim_hf
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedImageModeling
+
+from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMModel, masked_l1_loss
+
+PRESETS = {"vit": "vit-nano-p4-32", "swin": "swin-nano-w4-32"}
+AUTO_CLASSES = {"AutoConfig", "AutoModel", "AutoModelForMaskedImageModeling", "AutoModelForImageClassification"}
+
+
+def make_model(kind: str, **overrides) -> SimMIMForMaskedImageModeling:
+    torch.manual_seed(0)
+    model = SimMIMForMaskedImageModeling(SimMIMConfig.from_preset(PRESETS[kind], **overrides))
+    # Perturb everything (biases and the ViT relative bias start at zero) so no path is trivially inactive.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    return model
+
+
+def make_inputs(config: SimMIMConfig, batch: int = 2, size: int | None = None, seed: int = 0):
+    """Images and a mask drawn the SimMIM way: whole `mask_patch_size` units, upsampled to model patches."""
+    generator = torch.Generator().manual_seed(seed)
+    size = size or config.image_size
+    pixel_values = torch.randn(batch, config.num_channels, size, size, generator=generator)
+    units = size // config.mask_patch_size
+    unit_mask = torch.rand(batch, units, units, generator=generator) < config.mask_ratio
+    unit_mask[:, 0, 0], unit_mask[:, -1, -1] = True, False  # at least one masked and one visible unit
+    scale = config.mask_patch_size // config.patch_size
+    bool_masked_pos = unit_mask.repeat_interleave(scale, 1).repeat_interleave(scale, 2).flatten(1)
+    return pixel_values, bool_masked_pos
+
+
+def reference_loss(pixel_values, reconstruction, bool_masked_pos, patch_size):
+    """DESIGN.md: loss = (|x - x_rec| * m).sum() / (m.sum() + 1e-5) / num_channels, m the pixel mask (B, 1, H, W)."""
+    b, c, h, w = pixel_values.shape
+    m = bool_masked_pos.reshape(b, h // patch_size, w // patch_size).float()
+    m = m.repeat_interleave(patch_size, dim=1).repeat_interleave(patch_size, dim=2).unsqueeze(1)
+    return ((pixel_values - reconstruction).abs() * m).sum() / (m.sum() + 1e-5) / c
+
+
+def pixel_mask(bool_masked_pos, patch_size, size):
+    b = bool_masked_pos.shape[0]
+    grid = size // patch_size
+    m = bool_masked_pos.reshape(b, grid, grid)
+    return m.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
+
+
+kinds = pytest.mark.parametrize("kind", ["vit", "swin"])
+
+
+# ---------------------------------------------------------------------------------------------- training signal
+@kinds
+def test_forward_backward_and_loss_formula(kind):
+    model = make_model(kind).train()
+    pixel_values, bool_masked_pos = make_inputs(model.config)
+    output = model(pixel_values, bool_masked_pos=bool_masked_pos)
+    assert output.reconstruction.shape == pixel_values.shape
+    expected = reference_loss(pixel_values, output.reconstruction, bool_masked_pos, model.config.patch_size)
+    torch.testing.assert_close(output.loss, expected, rtol=1e-6, atol=1e-7)
+
+    output.reconstruction.retain_grad()
+    output.loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no finite gradient for {missing}"
+    # The gradient reaches the learnable mask token.
+    assert model.simmim.embeddings.mask_token.grad.abs().sum() > 0
+    # Only masked pixels contribute: d loss / d reconstruction vanishes exactly on visible pixels.
+    visible = ~pixel_mask(bool_masked_pos, model.config.patch_size, pixel_values.shape[-1]).expand_as(pixel_values)
+    assert output.reconstruction.grad[visible].abs().max() == 0
+    assert output.reconstruction.grad[~visible].abs().min() > 0
+
+
+@kinds
+def test_unmasked_target_pixels_do_not_change_the_loss(kind):
+    """Input and target are the same tensor in the model, so hold the reconstruction fixed and vary the target."""
+    model = make_model(kind).eval()
+    pixel_values, bool_masked_pos = make_inputs(model.config)
+    with torch.no_grad():
+        reconstruction = model(pixel_values, bool_masked_pos=bool_masked_pos).reconstruction
+    visible = ~pixel_mask(bool_masked_pos, model.config.patch_size, pixel_values.shape[-1]).expand_as(pixel_values)
+    changed = torch.where(visible, pixel_values + 10.0 * torch.randn_like(pixel_values), pixel_values)
+    patch = model.config.patch_size
+    assert masked_l1_loss(changed, reconstruction, bool_masked_pos, patch) == \
+        masked_l1_loss(pixel_values, reconstruction, bool_masked_pos, patch)
+    assert reference_loss(changed, reconstruction, bool_masked_pos, patch) == \
+        reference_loss(pixel_values, reconstruction, bool_masked_pos, patch)
+    # ...while a masked pixel does change it.
+    masked_changed = pixel_values.clone()
+    masked_changed[~visible] += 1.0
+    assert masked_l1_loss(masked_changed, reconstruction, bool_masked_pos, patch) != \
+        masked_l1_loss(pixel_values, reconstruction, bool_masked_pos, patch)
+
+
+@kinds
+def test_sdpa_and_eager_attention_agree(kind):
+    model = make_model(kind).eval()
+    assert model.config._attn_implementation == "sdpa"
+    pixel_values, bool_masked_pos = make_inputs(model.config)
+    with torch.no_grad():
+        sdpa = model(pixel_values, bool_masked_pos=bool_masked_pos)
+        eager = model(pixel_values, bool_masked_pos=bool_masked_pos, output_attentions=True)
+    torch.testing.assert_close(eager.reconstruction, sdpa.reconstruction, rtol=0, atol=1e-5)
+    torch.testing.assert_close(eager.loss, sdpa.loss, rtol=0, atol=1e-6)
+    num_blocks = model.config.num_layers_for_decay
+    assert len(eager.attentions) == num_blocks
+    for weights in eager.attentions:
+        torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)))
+
+
+@kinds
+def test_gradient_checkpointing_gives_the_same_gradients(kind):
+    pixel_values, bool_masked_pos = make_inputs(make_model(kind).config)
+
+    def gradients(checkpointing: bool):
+        model = make_model(kind).train()
+        calls = []
+        if checkpointing:
+            # transformers 5.x renamed the method (the old name still works, with a FutureWarning).
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+            for layer in model.modules():
+                if getattr(layer, "gradient_checkpointing", False):
+                    inner = layer._gradient_checkpointing_func
+                    layer._gradient_checkpointing_func = lambda *a, _f=inner, **k: calls.append(1) or _f(*a, **k)
+        model(pixel_values, bool_masked_pos=bool_masked_pos).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters()}, len(calls)
+
+    plain, _ = gradients(False)
+    checkpointed, calls = gradients(True)
+    assert calls == make_model(kind).config.num_layers_for_decay, "every block must be checkpointed"
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_swin_accepts_a_resolution_other_than_the_config():
+    model = make_model("swin").eval()
+    pixel_values, bool_masked_pos = make_inputs(model.config, size=64)
+    with torch.no_grad():
+        output = model(pixel_values, bool_masked_pos=bool_masked_pos)
+    assert output.reconstruction.shape == (2, 3, 64, 64)
+    assert torch.isfinite(output.loss)
+    torch.testing.assert_close(
+        output.loss, reference_loss(pixel_values, output.reconstruction, bool_masked_pos, model.config.patch_size)
+    )
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+@kinds
+def test_save_pretrained_round_trip(kind, tmp_path):
+    model = make_model(kind).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert set(config["auto_map"]) >= AUTO_CLASSES
+    assert (tmp_path / "model.safetensors").is_file()
+    reloaded = SimMIMForMaskedImageModeling.from_pretrained(tmp_path).eval()
+    pixel_values, bool_masked_pos = make_inputs(model.config)
+    with torch.no_grad():
+        before = model(pixel_values, bool_masked_pos=bool_masked_pos)
+        after = reloaded(pixel_values, bool_masked_pos=bool_masked_pos)
+    assert torch.equal(before.reconstruction, after.reconstruction) and torch.equal(before.loss, after.loss)
+    # The registered Auto classes resolve to simmim_hf in this process too.
+    assert type(AutoModelForMaskedImageModeling.from_pretrained(tmp_path)) is SimMIMForMaskedImageModeling
+    assert type(AutoModel.from_pretrained(tmp_path)) is SimMIMModel
+    assert type(AutoConfig.from_pretrained(tmp_path)) is SimMIMConfig
+
+
+def test_saved_folder_loads_with_trust_remote_code_without_simmim_hf(tmp_path_factory):
+    """A fresh process that cannot import simmim_hf loads both encoders through `auto_map` alone."""
+    root = tmp_path_factory.mktemp("hub")
+    elsewhere = tmp_path_factory.mktemp("cwd")
+    for kind in ("vit", "swin"):
+        model = make_model(kind).eval()
+        model.save_pretrained(root / kind)
+        pixel_values, bool_masked_pos = make_inputs(model.config)
+        with torch.no_grad():
+            output = model(pixel_values, bool_masked_pos=bool_masked_pos)
+            features = model.simmim(pixel_values, bool_masked_pos=bool_masked_pos).last_hidden_state
+        expected = {"pixel_values": pixel_values, "bool_masked_pos": bool_masked_pos,
+                    "reconstruction": output.reconstruction, "loss": output.loss.reshape(1), "features": features}
+        save_file({k: v.contiguous() for k, v in expected.items()}, root / f"{kind}.expected.safetensors")
+
+    run_without_simmim_hf(f"""
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModel, AutoModelForMaskedImageModeling
+        try:
+            import simmim_hf
+        except ImportError:
+            pass
+        else:
+            raise AssertionError("simmim_hf must not be importable here")
+        root = {str(root)!r}
+        for kind in ("vit", "swin"):
+            folder, expected = f"{{root}}/{{kind}}", load_file(f"{{root}}/{{kind}}.expected.safetensors")
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+            assert type(config).__name__ == "SimMIMConfig" and config.encoder_type == kind
+            mim = AutoModelForMaskedImageModeling.from_pretrained(folder, trust_remote_code=True).eval()
+            encoder = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+            assert type(mim).__name__ == "SimMIMForMaskedImageModeling" and type(encoder).__name__ == "SimMIMModel"
+            assert not type(mim).__module__.startswith("simmim_hf")
+            with torch.no_grad():
+                out = mim(expected["pixel_values"], bool_masked_pos=expected["bool_masked_pos"])
+                features = encoder(expected["pixel_values"], bool_masked_pos=expected["bool_masked_pos"])
+            assert torch.equal(out.reconstruction, expected["reconstruction"]), kind
+            assert torch.equal(out.loss.reshape(1), expected["loss"]), kind
+            assert torch.equal(features.last_hidden_state, expected["features"]), kind
+        print("loaded without simmim_hf")
+    """, cwd=elsewhere)
+
+
+# ---------------------------------------------------------------------------------------------- config errors
+VIT = dict(encoder_type="vit", image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2,
+           num_attention_heads=2, mask_patch_size=8)
+SWIN = dict(encoder_type="swin", image_size=32, patch_size=2, embed_dim=16, depths=[2, 2, 2], num_heads=[2, 4, 8],
+            window_size=4, mask_patch_size=8)
+
+CONFIG_ERRORS = [
+    (dict(image_size=32, patch_size=4, mask_patch_size=8), dict(encoder_type="resnet"), r"`encoder_type` must be one of \('vit', 'swin'\); got encoder_type='resnet'"),
+    (VIT, dict(patch_size=0), r"`patch_size` must be a positive integer"),
+    (VIT, dict(image_size=32.0), r"`image_size` must be a positive integer"),
+    (VIT, dict(num_channels=True), r"`num_channels` must be a positive integer"),
+    (VIT, dict(image_size=30, mask_patch_size=2, patch_size=2, hidden_size=64), None),  # valid: control case
+    (VIT, dict(image_size=30), r"`image_size` must be divisible by patch_size=4; got image_size=30"),
+    (VIT, dict(image_size=48, mask_patch_size=32), r"`image_size` must be divisible by mask_patch_size=32"),
+    (VIT, dict(image_size=48, mask_patch_size=6), r"`mask_patch_size` must be a multiple of patch_size=4; got mask_patch_size=6"),
+    (VIT, dict(mask_ratio=0.0), r"`mask_ratio` must lie strictly between 0 and 1; got mask_ratio=0.0"),
+    (VIT, dict(mask_ratio=1.0), r"`mask_ratio` must lie strictly between 0 and 1"),
+    (VIT, dict(mask_ratio=-0.2), r"`mask_ratio` must lie strictly between 0 and 1"),
+    (VIT, dict(drop_path_rate=1.0), r"`drop_path_rate` must lie in \[0, 1\)"),
+    (VIT, dict(pooling="max"), r"`pooling` must be one of \('mean', 'cls'\)"),
+    (VIT, dict(num_hidden_layers=0), r"must be positive"),
+    (VIT, dict(num_attention_heads=3), r"`num_attention_heads` must divide hidden_size=64; got num_attention_heads=3"),
+    (VIT, dict(use_shared_relative_position_bias=True, use_relative_position_bias=True),
+     r"`use_relative_position_bias` cannot be combined with use_shared_relative_position_bias=True"),
+    (VIT, dict(encoder_stride=16), r"`encoder_stride` must equal the encoder's total downsampling \(4 .*got encoder_stride=16"),
+    (SWIN, dict(depths=[]), r"`depths` must be a non-empty list"),
+    (SWIN, dict(depths=[2, 0, 2]), r"`depths` must be a non-empty list of positive integers"),
+    (SWIN, dict(num_heads=[2, 4]), r"`num_heads` must have one entry per stage \(3 stages\)"),
+    (SWIN, dict(window_size=0), r"`window_size` must be a positive integer"),
+    (SWIN, dict(pooling="cls"), r"`pooling` must be 'mean' for Swin"),
+    (SWIN, dict(image_size=36, mask_patch_size=4), r"`image_size` must be divisible by patch_size \* 2\*\*\(stages-1\) = 8"),
+    (SWIN, dict(num_heads=[3, 4, 8]), r"`num_heads` must divide the width of stage 0 \(16\)"),
+    (SWIN, dict(image_size=48, window_size=5), r"`window_size` must divide the token grid of every stage; stage 0 is 24x24"),
+    (SWIN, dict(encoder_stride=4), r"`encoder_stride` must equal the encoder's total downsampling \(8 .*got encoder_stride=4"),
+    (SWIN, dict(hidden_size=100), r"`hidden_size` is derived for Swin as embed_dim \* 2\*\*\(len\(depths\)-1\) = 64; got hidden_size=100"),
+]
+
+
+@pytest.mark.parametrize("base, change, message", CONFIG_ERRORS)
+def test_config_errors(base, change, message):
+    kwargs = {**base, **change}
+    if message is None:
+        SimMIMConfig(**kwargs)
+        return
+    with pytest.raises(ValueError, match=message):
+        SimMIMConfig(**kwargs)
+
+
+def test_valid_config_consistency():
+    assert SimMIMConfig(**SWIN, hidden_size=64).hidden_size == 64  # a matching hidden_size is accepted
+    assert SimMIMConfig(**SWIN).encoder_stride == 8 and SimMIMConfig(**VIT).encoder_stride == 4
+    with pytest.raises(ValueError, match=r"Unknown preset name='vit-huge'"):
+        SimMIMConfig.from_preset("vit-huge")
+
+
+# ---------------------------------------------------------------------------------------------- input errors
+@pytest.fixture(scope="module")
+def tiny_models():
+    return {kind: make_model(kind).eval() for kind in ("vit", "swin")}
+
+
+INPUT_ERRORS = [
+    ("vit", None, None, r"`pixel_values` is required"),
+    ("vit", (2, 1, 32, 32), None, r"`pixel_values` must have shape \(batch, 3, height, width\); got \(2, 1, 32, 32\)"),
+    ("vit", (3, 32, 32), None, r"`pixel_values` must have shape \(batch, 3, height, width\); got \(3, 32, 32\)"),
+    ("vit", (2, 3, 30, 32), None, r"divisible by patch_size=4; got 30x32"),
+    ("vit", (2, 3, 64, 64), None, r"sized for 32x32 images; got pixel_values of 64x64"),
+    ("swin", (2, 3, 36, 32), None, r"divisible by patch_size=2; got 36x32|patch_size \* 2\*\*\(stages-1\) = 8; got 36x32"),
+    ("swin", (2, 3, 40, 40), None, r"Swin stage 1 has a 10x10 token grid, not divisible by window_size=4"),
+    ("swin", (2, 3, 64, 16), None, r"Swin stage 1 has a non-square 16x4 token grid smaller than the window"),
+    ("vit", (2, 3, 32, 32), (2, 63), r"`bool_masked_pos` must have shape \(batch, \(H/p\)\*\(W/p\)\) = \(2, 64\).*got \(2, 63\)"),
+    ("swin", (2, 3, 32, 32), (2, 16, 16), r"= \(2, 256\).*got \(2, 16, 16\)"),
+    ("vit", (2, 3, 32, 32), "float", r"`bool_masked_pos` must be boolean \(or 0/1 integers\); got torch.float32"),
+    ("vit", (2, 3, 32, 32), "two", r"`bool_masked_pos` must contain only 0 and 1"),
+]
+
+
+@pytest.mark.parametrize("kind, shape, mask, message", INPUT_ERRORS)
+def test_input_errors(tiny_models, kind, shape, mask, message):
+    model = tiny_models[kind]
+    pixel_values = torch.zeros(shape) if shape is not None else None
+    grid = (32 // model.config.patch_size) ** 2
+    if mask == "float":
+        mask = torch.zeros(2, grid)
+    elif mask == "two":
+        mask = torch.zeros(2, grid, dtype=torch.long)
+        mask[0, 0] = 2
+    elif mask is not None:
+        mask = torch.zeros(mask, dtype=torch.bool)
+    with pytest.raises(ValueError, match=message):
+        model(pixel_values, bool_masked_pos=mask)
+
+
+def test_integer_masks_are_accepted(tiny_models):
+    model = tiny_models["vit"]
+    pixel_values, bool_masked_pos = make_inputs(model.config)
+    with torch.no_grad():
+        as_bool = model(pixel_values, bool_masked_pos=bool_masked_pos)
+        as_long = model(pixel_values, bool_masked_pos=bool_masked_pos.long())
+    assert torch.equal(as_bool.loss, as_long.loss)
