@@ -39,16 +39,9 @@ import numpy as np
 import torch
 
 from .image_processing_simmim import SimMIMImageProcessor
-
-
-def sample_seed(base_seed: int, epoch: int, index: int) -> int:
-    """The seed of sample `index` in `epoch`: a well-mixed 63-bit function of the three (non-negative)
-    integers, stable across processes and platforms (numpy's `SeedSequence`, not Python's `hash`)."""
-    for name, value in (("base_seed", base_seed), ("epoch", epoch), ("index", index)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"`{name}` must be a non-negative integer; got {name}={value!r}.")
-    high, low = np.random.SeedSequence([int(base_seed), int(epoch), int(index)]).generate_state(2, np.uint32)
-    return ((int(high) << 32) | int(low)) & (2**63 - 1)
+# The pretraining script's per-sample seed (a hash of (base_seed, epoch, index)): one definition, so this
+# transform and `examples/run_pretraining.py` give a sample the same crop, flip and mask.
+from .training_utils import sample_seed
 
 
 class SimMIMTransform:

@@ -4,10 +4,13 @@
 `pixel_values` (float, `(B, 3, H, W)`) and `bool_masked_pos` (bool, `(B, (H / p) * (W / p))`, True =
 masked). It follows the official SimMIM data pipeline (microsoft/SimMIM, `data/data_simmim.py`):
 
-    pretraining (do_train=True):  RGB -> RandomResizedCrop(size, scale=(0.67, 1), ratio=(3/4, 4/3), bilinear)
+    pretraining (do_train=True):  RGB -> RandomResizedCrop(size, scale=(0.67, 1), ratio=(3/4, 4/3), bilinear*)
                                   -> RandomHorizontalFlip -> to float -> Normalize(ImageNet) ; + mask
     evaluation (do_train=False):  RGB -> Resize(shorter side to size / crop_pct, bicubic) -> CenterCrop(size)
                                   -> to float -> Normalize(ImageNet) ; mask only if return_mask=True
+
+(*) 8-bit images are resized with torch's antialiased uint8 bilinear kernel (PIL's filter, within one grey
+level, 2-3x faster); float and 16-bit images, and the evaluation resize, use PIL itself.
 
 Hub-facing module (copied next to the weights for `trust_remote_code`): it imports its sibling
 `masking` relatively and otherwise only torch, numpy, PIL and transformers.
@@ -280,9 +283,8 @@ class SimMIMImageProcessor(PilBackend):
                 pixels = _random_resized_crop_flip(image, out_hw, crop_scale, crop_ratio, flip_prob, resample, g)
             else:
                 pixels = _resize_center_crop(image, out_hw, crop_pct, eval_resample)
-            is_8bit[i] = pixels.dtype == np.uint8
-            # uint8 HWC -> float CHW in one strided copy (the conversion and the transpose fused).
-            pixel_values[i].copy_(torch.from_numpy(pixels).permute(2, 0, 1) if is_8bit[i] else torch.from_numpy(pixels))
+            is_8bit[i] = pixels.dtype == torch.uint8
+            pixel_values[i].copy_(pixels)  # uint8 (any strides) -> float32 CHW, conversion and layout in one pass
 
         # x * (rescale / std) - mean / std: rescaling and normalisation fused into two in-place passes.
         mean = torch.tensor(image_mean if do_normalize else (0.0, 0.0, 0.0), dtype=torch.float32).view(1, 3, 1, 1)
@@ -375,29 +377,28 @@ def _image_hw(image) -> tuple[int, int]:
     return (image.height, image.width) if isinstance(image, PIL.Image.Image) else image.shape[1:]
 
 
-def _resample(image, box, out_hw, resample, flip: bool = False) -> np.ndarray:
-    """Resize the region `box` = (left, top, right, bottom) of `image` to `out_hw` in one PIL call (crop and
-    resize fused: no intermediate crop is materialised, and the filter may read just outside the box, as a
-    continuous-domain resize should).
+def _resample(image, box, out_hw, resample) -> torch.Tensor:
+    """Resize the region `box` = (left, top, right, bottom) of `image` (all of it if `None`) to `out_hw` with
+    PIL; returns a `(3, H, W)` tensor, uint8 for a PIL RGB image, float32 for a float working image.
 
-    Returns uint8 `(H, W, 3)` for a PIL RGB image, float32 `(3, H, W)` for a float working image.
     transformers' `image_transforms.resize` is bypassed: it round-trips numpy -> PIL -> numpy per call
-    and has no `box`, which costs a full-size crop copy and two conversions per image.
+    and has no `box`, which costs a crop copy and two conversions per image.
     """
     size = (out_hw[1], out_hw[0])
     if isinstance(image, PIL.Image.Image):
-        out = image.resize(size, resample=resample, box=box)
-        if flip:
-            out = out.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.array(out)  # writable (torch.from_numpy warns on the read-only np.asarray view)
-    planes = []
-    for plane in image:
-        out = PIL.Image.fromarray(plane).resize(size, resample=resample, box=box)
-        if flip:
-            out = out.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        planes.append(np.asarray(out))
+        # np.array, not np.asarray: torch.from_numpy warns on the read-only view.
+        return torch.from_numpy(np.array(image.resize(size, resample=resample, box=box))).permute(2, 0, 1)
+    planes = [np.asarray(PIL.Image.fromarray(plane).resize(size, resample=resample, box=box)) for plane in image]
     # Bicubic overshoots; clip like the uint8 path (which PIL saturates) so both stay in [0, 1].
-    return np.clip(np.stack(planes), 0.0, 1.0)
+    return torch.from_numpy(np.clip(np.stack(planes), 0.0, 1.0))
+
+
+def _crop_resize_8bit(image: PIL.Image.Image, box, out_hw) -> torch.Tensor:
+    """Crop + antialiased bilinear resize of 8-bit RGB with torch's uint8 kernel (the one torchvision v2
+    uses). Same filter as PIL's: at most 1 grey level apart (on photos, on well under 1 % of the pixels),
+    and 2-3x faster than `Image.resize` on one core. Returns uint8 `(3, H, W)`."""
+    region = torch.from_numpy(np.array(image.crop(box))).permute(2, 0, 1)[None]
+    return torch.nn.functional.interpolate(region, size=out_hw, mode="bilinear", antialias=True, align_corners=False)[0]
 
 
 def _crop_params(height: int, width: int, scale, ratio, u: np.ndarray) -> tuple[int, int, int, int]:
@@ -423,11 +424,17 @@ def _crop_params(height: int, width: int, scale, ratio, u: np.ndarray) -> tuple[
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _random_resized_crop_flip(image, out_hw, scale, ratio, flip_prob, resample, generator) -> np.ndarray:
+def _random_resized_crop_flip(image, out_hw, scale, ratio, flip_prob, resample, generator) -> torch.Tensor:
+    """RandomResizedCrop + RandomHorizontalFlip; returns `(3, H, W)`, uint8 or float32."""
     # One generator call per image: 40 uniforms for the crop attempts, 1 for the flip.
     u = torch.rand(41, generator=generator, dtype=torch.float64).numpy()
     top, left, h, w = _crop_params(*_image_hw(image), scale, ratio, u[:40])
-    return _resample(image, (left, top, left + w, top + h), out_hw, resample, flip=bool(u[40] < flip_prob))
+    box = (left, top, left + w, top + h)
+    if isinstance(image, PIL.Image.Image) and resample == PILImageResampling.BILINEAR:
+        pixels = _crop_resize_8bit(image, box, out_hw)
+    else:
+        pixels = _resample(image, box, out_hw, resample)
+    return pixels.flip(-1) if u[40] < flip_prob else pixels
 
 
 def eval_resize_shape(height: int, width: int, out_hw, crop_pct: float) -> tuple[int, int]:
@@ -440,15 +447,13 @@ def eval_resize_shape(height: int, width: int, out_hw, crop_pct: float) -> tuple
     return max(target_h, int(height * target_w / width)), target_w
 
 
-def _resize_center_crop(image, out_hw, crop_pct, resample) -> np.ndarray:
-    height, width = _image_hw(image)
-    new_h, new_w = eval_resize_shape(height, width, out_hw, crop_pct)
+def _resize_center_crop(image, out_hw, crop_pct, resample) -> torch.Tensor:
+    """Resize (PIL, `eval_resample`) + CenterCrop; returns `(3, H, W)`, uint8 or float32."""
+    new_h, new_w = eval_resize_shape(*_image_hw(image), out_hw, crop_pct)
     resized = _resample(image, None, (new_h, new_w), resample)
     # torchvision's CenterCrop offsets (round, not floor).
     top, left = int(round((new_h - out_hw[0]) / 2.0)), int(round((new_w - out_hw[1]) / 2.0))
-    if resized.dtype == np.uint8:
-        return np.ascontiguousarray(resized[top : top + out_hw[0], left : left + out_hw[1]])
-    return np.ascontiguousarray(resized[:, top : top + out_hw[0], left : left + out_hw[1]])
+    return resized[:, top : top + out_hw[0], left : left + out_hw[1]]
 
 
 __all__ = ["SimMIMImageProcessor"]
