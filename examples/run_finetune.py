@@ -332,6 +332,24 @@ def mix_batch(pixel_values, labels, num_classes, args, rng: np.random.Generator)
     return pixel_values, targets * lam + targets.flip(0) * (1.0 - lam)
 
 
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A fresh permutation per epoch that depends only on (seed, epoch): a resumed run, which starts at a
+    later epoch, shuffles exactly like the uninterrupted one (a stateful generator would not)."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+
 # ============================================================================================== evaluation
 @torch.no_grad()
 def evaluate_model(model, dataloader, accelerator, num_classes: int) -> dict:
@@ -408,9 +426,9 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
     train_ds.set_transform(train_transform)
     eval_ds.set_transform(SimMIMTransform(processor, keep_columns=("label",), do_train=False, return_mask=False))
 
-    generator = torch.Generator().manual_seed(args.seed)
-    train_loader = DataLoader(train_ds, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=False,
-                              collate_fn=simmim_collate_fn, num_workers=args.dataloader_num_workers, generator=generator)
+    train_sampler = EpochShuffleSampler(len(train_ds), args.seed)
+    train_loader = DataLoader(train_ds, batch_size=args.per_device_train_batch_size, sampler=train_sampler,
+                              collate_fn=simmim_collate_fn, num_workers=args.dataloader_num_workers)
     eval_loader = DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size, collate_fn=simmim_collate_fn,
                              num_workers=args.dataloader_num_workers)
 
@@ -459,8 +477,10 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
     model.train()
     for epoch in range(start_epoch, args.num_train_epochs):
         train_transform.set_epoch(epoch)
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
+        # accelerate's DataLoaderShard re-applies its own epoch counter to the sampler at every `iter()`; a
+        # resumed run must set it, or the counter restarts at 0 and the resumed epochs replay epoch 0's order.
+        train_loader.set_epoch(epoch)
+        train_sampler.set_epoch(epoch)
         # Per (seed, process, epoch): a resumed run draws the same mixup/cutmix parameters.
         mix_rng = np.random.default_rng([args.seed, accelerator.process_index, epoch])
         for batch in train_loader:

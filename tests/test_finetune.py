@@ -1,0 +1,125 @@
+"""The fine-tuning example end to end on the embedded digits: `accelerate launch`, evaluate metrics,
+resolution transfer inside the script, exact resume, and a linear probe that leaves the encoder untouched."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "run_finetune.py"
+TINY = ["--num_train_epochs", "2", "--warmup_epochs", "1", "--per_device_train_batch_size", "16",
+        "--per_device_eval_batch_size", "32", "--max_train_samples", "48", "--max_eval_samples", "32",
+        "--learning_rate", "1e-3", "--logging_steps", "1", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def run_finetune():
+    spec = importlib.util.spec_from_file_location("run_finetune", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pretrained_dirs(tmp_path_factory):
+    """Tiny SimMIM pretraining checkpoints (random weights stand in for a pretraining run)."""
+    root = tmp_path_factory.mktemp("pretrained")
+    dirs = {}
+    for preset in ("vit-nano-p4-32", "swin-nano-w4-32"):
+        torch.manual_seed(0)
+        model = SimMIMForMaskedImageModeling(SimMIMConfig.from_preset(preset))
+        model.save_pretrained(root / preset)
+        dirs[preset] = root / preset
+    return dirs
+
+
+def test_accelerate_launch_end_to_end_with_resolution_transfer(pretrained_dirs, tmp_path):
+    # Swin pretrained at 32 px / window 4, fine-tuned at 48 px / window 6 through `accelerate launch`.
+    out = tmp_path / "swin"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+           "--model_name_or_path", str(pretrained_dirs["swin-nano-w4-32"]), "--image_size", "48", "--window_size", "6",
+           "--output_dir", str(out), "--cpu", *TINY, "--num_train_epochs", "1", "--mixup", "0.8", "--cutmix", "1.0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    final = json.loads((out / "all_results.json").read_text())
+    best = final["best"]
+    assert set(best) >= {"accuracy", "top5_accuracy", "loss", "epoch"}  # evaluate's top-k metric, 10 classes
+    assert 0.0 <= best["accuracy"] <= best["top5_accuracy"] <= 1.0
+    report = final["transfer_report"]
+    assert len(report["interpolated"]) == 6 and report["mismatched"] == []
+    assert sorted(report["unexpected"]) == ["decoder.0.bias", "decoder.0.weight"]
+    # best/ is a loadable classifier with the fine-tuning card and its results table.
+    card = (out / "best" / "README.md").read_text()
+    assert "Base model:" in card and "| Epoch | Accuracy (%)" in card and f"{best['accuracy'] * 100:.2f}" in card
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(out / "best")
+    assert (model.config.image_size, model.config.window_size, model.config.num_labels) == (48, 6, 10)
+    assert model(torch.zeros(1, 3, 48, 48)).logits.shape == (1, 10)
+
+
+def test_resume_reproduces_the_uninterrupted_run(run_finetune, tmp_path):
+    full = tmp_path / "full"
+    results, _ = run_finetune.run(["--preset", "vit-nano-p4-32", "--output_dir", str(full), *TINY,
+                                   "--checkpoints_total_limit", "5", "--mixup", "0.8"])
+    assert [r["epoch"] for r in results["history"]] == [0, 1]
+    # A run killed after epoch 0: only that checkpoint exists. Resuming must land on the same weights.
+    first = sorted((full / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(first, resumed / "checkpoints" / first.name)
+    results2, _ = run_finetune.run(["--preset", "vit-nano-p4-32", "--output_dir", str(resumed), *TINY,
+                                    "--mixup", "0.8", "--resume_from_checkpoint", "latest"])
+    assert [r["epoch"] for r in results2["history"]] == [0, 1]  # epoch 0 restored from the checkpoint
+    a, b = load_file(full / "last" / "model.safetensors"), load_file(resumed / "last" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert results2["history"][1]["accuracy"] == results["history"][1]["accuracy"]
+
+
+def test_linear_probe_leaves_encoder_unchanged(run_finetune, pretrained_dirs, tmp_path):
+    path = pretrained_dirs["vit-nano-p4-32"]
+    results, probe = run_finetune.run(["--model_name_or_path", str(path), "--linear_probe", "--probe_layer", "1",
+                                       "--output_dir", str(tmp_path / "probe"), *TINY, "--learning_rate", "1e-2"])
+    saved = load_file(path / "model.safetensors")
+    encoder = probe.encoder.state_dict()
+    for name, tensor in encoder.items():
+        torch.testing.assert_close(tensor, saved[f"simmim.{name}"], rtol=0, atol=0, msg=name)
+    assert all(not p.requires_grad for p in probe.encoder.parameters())
+    assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+    head = load_file(tmp_path / "probe" / "last" / "linear_probe_head.safetensors")
+    assert head["weight"].shape == (10, 64) and head["weight"].abs().sum() > 0
+    assert 0.0 <= results["best"]["accuracy"] <= 1.0
+
+
+def test_mixup_cutmix_targets(run_finetune):
+    class Args:
+        label_smoothing, mixup, cutmix, mixup_switch_prob = 0.1, 0.0, 1.0, 0.5
+
+    x = torch.zeros(4, 3, 8, 8)
+    x[1] = 1.0
+    labels = torch.tensor([0, 1, 2, 3])
+    mixed, targets = run_finetune.mix_batch(x, labels, 5, Args, np.random.default_rng(0))
+    torch.testing.assert_close(targets.sum(1), torch.ones(4))
+    # Image 2 is pasted from image 1 (the flipped batch): the pasted area fraction is its label weight.
+    area = mixed[2, 0].mean().item()
+    on, off = 1 - 0.1 + 0.1 / 5, 0.1 / 5
+    assert targets[2, 1].item() == pytest.approx(area * on + (1 - area) * off, abs=1e-6)
+    assert targets[2, 2].item() == pytest.approx((1 - area) * on + area * off, abs=1e-6)
+    Args.mixup, Args.cutmix = 0.8, 0.0
+    mixed, targets = run_finetune.mix_batch(x, labels, 5, Args, np.random.default_rng(1))
+    lam = 1.0 - mixed[2, 0, 0, 0].item()  # image 2 (zeros) mixed with image 1 (ones) at weight 1 - lam
+    assert targets[2, 2].item() == pytest.approx(lam * on + (1 - lam) * off, abs=1e-6)
