@@ -105,7 +105,10 @@ class SimMIMImageProcessor(PilBackend):
       (pretraining transform, or `return_mask=True`).
 
     See [`SimMIMImageProcessorKwargs`] for the SimMIM-specific arguments; every argument can be given at
-    construction (saved in `preprocessor_config.json`) or per call.
+    construction (saved in `preprocessor_config.json`) or per call, except `seed` and `generator` (per call
+    only). The geometry is set by `do_train` (see the module docstring); the generic `do_resize`,
+    `do_center_crop`, `crop_size` and `do_pad` switches of transformers' processors are not used.
+    `do_rescale` / `rescale_factor` / `do_normalize` / `image_mean` / `image_std` behave as usual.
 
     Example:
         ```python
@@ -156,7 +159,9 @@ class SimMIMImageProcessor(PilBackend):
         """Build the processor matching a `SimMIMConfig`: `size` from `image_size`, `patch_size`,
         `mask_patch_size` and `mask_ratio` from the config; `kwargs` override any argument."""
         if getattr(config, "num_channels", 3) != 3:
-            raise ValueError(f"SimMIMImageProcessor produces RGB images; got config.num_channels={config.num_channels}.")
+            raise ValueError(
+                f"SimMIMImageProcessor produces RGB images; got config.num_channels={config.num_channels}."
+            )
         settings = dict(
             size={"height": config.image_size, "width": config.image_size},
             patch_size=config.patch_size,
@@ -235,7 +240,9 @@ class SimMIMImageProcessor(PilBackend):
         if isinstance(image, torch.Tensor):
             image = image.detach().cpu().numpy()
         if not isinstance(image, np.ndarray):
-            raise ValueError(f"`images` must hold PIL images, numpy arrays or torch tensors; got {type(image).__name__}.")
+            raise ValueError(
+                f"`images` must hold PIL images, numpy arrays or torch tensors; got {type(image).__name__}."
+            )
         return _array_to_working(image, input_data_format)
 
     # ------------------------------------------------------------------ the transform
@@ -356,7 +363,9 @@ def _array_to_working(array: np.ndarray, input_data_format=None):
     elif hwc.dtype.kind == "f":
         hwc = hwc.astype(np.float32, copy=False)
         if not np.isfinite(hwc).all():
-            raise ValueError("`images` contains NaN or infinite pixel values; got a float array with non-finite entries.")
+            raise ValueError(
+                "`images` contains NaN or infinite pixel values; got a float array with non-finite entries."
+            )
         low, high = float(hwc.min()), float(hwc.max())
         if low < -_FLOAT_ATOL or high > 1.0 + _FLOAT_ATOL:
             raise ValueError(f"`images` float arrays must hold values in [0, 1]; got values in [{low:g}, {high:g}]. "

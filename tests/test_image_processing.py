@@ -108,7 +108,8 @@ def test_batched_mixed_sizes_and_types():
     assert out["bool_masked_pos"].shape == (5, 64)
     # A (B, H, W, C) array is a batch, as is a nested list.
     assert processor(np.zeros((3, 20, 20, 3), np.uint8), return_tensors="pt")["pixel_values"].shape[0] == 3
-    assert processor([[rgb(20, 20)], [rgb(30, 20), rgb(20, 30)]], return_tensors="pt")["bool_masked_pos"].shape == (3, 64)
+    nested = processor([[rgb(20, 20)], [rgb(30, 20), rgb(20, 30)]], return_tensors="pt")
+    assert nested["bool_masked_pos"].shape == (3, 64)
 
 
 def test_return_tensors_conventions():
@@ -235,7 +236,8 @@ def test_generator_is_used_and_advanced():
     processor = tiny_processor()
     images = [rgb(60, 40), rgb(45, 45)]
     g = torch.Generator().manual_seed(7)
-    first, second = processor(images, return_tensors="pt", generator=g), processor(images, return_tensors="pt", generator=g)
+    first = processor(images, return_tensors="pt", generator=g)
+    second = processor(images, return_tensors="pt", generator=g)
     assert not torch.equal(first["bool_masked_pos"], second["bool_masked_pos"])
     again = processor(images, return_tensors="pt", generator=torch.Generator().manual_seed(7))
     assert torch.equal(first["bool_masked_pos"], again["bool_masked_pos"])
@@ -355,7 +357,8 @@ def test_model_accepts_processor_output(preset):
 def test_from_config_and_overrides():
     config = SimMIMConfig.from_preset("swin-base-w6-192")
     processor = SimMIMImageProcessor.from_config(config, mask_strategy="block")
-    assert (processor.size.height, processor.patch_size, processor.mask_patch_size, processor.mask_ratio) == (192, 4, 32, 0.6)
+    settings = (processor.size.height, processor.patch_size, processor.mask_patch_size, processor.mask_ratio)
+    assert settings == (192, 4, 32, 0.6)
     out = processor(rgb(50, 60), return_tensors="pt", seed=0)
     assert out["bool_masked_pos"].shape == (1, 48 * 48) and out["bool_masked_pos"].sum() == 22 * 64
     with pytest.raises(ValueError, match="num_channels=1"):
@@ -375,7 +378,8 @@ def test_save_load_roundtrip(tmp_path):
         assert loaded.to_dict() == processor.to_dict()
         a = loaded(rgb(40, 40), return_tensors="pt", seed=5)
         b = processor(rgb(40, 40), return_tensors="pt", seed=5)
-        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["bool_masked_pos"], b["bool_masked_pos"])
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+        assert torch.equal(a["bool_masked_pos"], b["bool_masked_pos"])
 
 
 def test_trust_remote_code_in_fresh_process(tmp_path):
