@@ -95,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Stream --dataset_name instead of downloading it (needs --max_train_steps).")
     g.add_argument("--shuffle_buffer_size", type=int, default=10_000, help="Shuffle buffer for --streaming.")
     g.add_argument("--max_train_samples", type=int, default=None, help="Truncate the training set (debugging).")
-    g.add_argument("--sample_data_repeats", type=int, default=16,
+    g.add_argument("--sample_data_repeats", type=int, default=4,
                    help="Embedded data only: copies of each of its ~20 images per epoch (each copy gets its own "
                         "crop and mask).")
     g.add_argument("--cache_dir", type=str, default=None, help="Cache folder for datasets and models.")
