@@ -54,7 +54,8 @@ def pretrain(run_finetune, args, out: Path) -> dict:
     data = run_finetune._split(run_finetune.load_digits_dataset(config.image_size), 0.2, args.data_seed)["train"]
     images = data["image"]  # labels are not used
     processor = SimMIMImageProcessor.from_config(config, flip_prob=0.0)
-    model = SimMIMForMaskedImageModeling(config).train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = SimMIMForMaskedImageModeling(config).to(device).train()
     optimizer = build_optimizer(model, lr=args.pretrain_lr, weight_decay=0.05)
     scheduler = LayerDecayLRScheduler(optimizer, args.pretrain_steps, num_warmup_steps=args.pretrain_steps // 10)
     generator = torch.Generator().manual_seed(args.pretrain_seed)
@@ -63,7 +64,7 @@ def pretrain(run_finetune, args, out: Path) -> dict:
         index = torch.randint(len(images), (args.pretrain_batch_size,), generator=generator).tolist()
         batch = processor([images[i] for i in index], return_tensors="pt", do_train=True,
                           seed=int(torch.randint(2**31 - 1, (), generator=generator)))
-        loss = model(**batch).loss
+        loss = model(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
@@ -76,7 +77,7 @@ def pretrain(run_finetune, args, out: Path) -> dict:
     model.save_pretrained(out)
     first = torch.stack(losses[:50]).mean().item()
     last = torch.stack(losses[-50:]).mean().item()
-    return {"steps": args.pretrain_steps, "images": len(images), "loss_first_50": first, "loss_last_50": last,
+    return {"device": str(device), "steps": args.pretrain_steps, "images": len(images), "loss_first_50": first, "loss_last_50": last,
             "seconds": time.time() - start}
 
 
