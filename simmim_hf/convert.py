@@ -161,7 +161,8 @@ def _state_dict_of(checkpoint: Any, path: str | Path) -> dict[str, torch.Tensor]
     ):
         raise ValueError(
             f"{str(path)!r} holds no state dict: expected {{'model': state_dict, ...}} or a mapping of names to "
-            f"tensors; got {type(checkpoint).__name__} with keys {list(checkpoint)[:8] if isinstance(checkpoint, dict) else '-'}."
+            f"tensors; got {type(checkpoint).__name__}"
+            + (f" with keys {list(checkpoint)[:8]}." if isinstance(checkpoint, dict) else ".")
         )
     # Checkpoints saved from a DistributedDataParallel wrapper prefix every name with "module.".
     return {key.removeprefix("module."): value for key, value in state_dict.items()}
@@ -241,7 +242,7 @@ def _official_config_hints(node: dict | None) -> dict:
     return {key: value for key, value in hints.items() if value is not None}
 
 
-def _infer_official_vit(sd: dict) -> tuple[dict, dict]:
+def _infer_official_vit(sd: dict) -> tuple[dict, list]:
     """Architecture and key mapping of the official BEiT-style ViT (`encoder.blocks.i.*`)."""
     width, channels, patch, _ = sd["encoder.patch_embed.proj.weight"].shape
     depth = _count_indices(sd, r"encoder\.blocks\.(\d+)\.")
@@ -289,7 +290,8 @@ def _infer_official_vit(sd: dict) -> tuple[dict, dict]:
         (r"encoder\.blocks\.(\d+)\.gamma_(\d)$", r"simmim.encoder.layers.\1.lambda_\2"),
         (r"encoder\.blocks\.(\d+)\.norm1\.", r"simmim.encoder.layers.\1.layernorm_before."),
         (r"encoder\.blocks\.(\d+)\.norm2\.", r"simmim.encoder.layers.\1.layernorm_after."),
-        (r"encoder\.blocks\.(\d+)\.attn\.relative_position_", r"simmim.encoder.layers.\1.attention.relative_position_bias.relative_position_"),
+        (r"encoder\.blocks\.(\d+)\.attn\.relative_position_",
+         r"simmim.encoder.layers.\1.attention.relative_position_bias.relative_position_"),
         (r"encoder\.blocks\.(\d+)\.attn\.", r"simmim.encoder.layers.\1.attention."),
         (r"encoder\.blocks\.(\d+)\.mlp\.", r"simmim.encoder.layers.\1.mlp."),
         (r"encoder\.norm\.", "simmim.layernorm."),
@@ -298,7 +300,7 @@ def _infer_official_vit(sd: dict) -> tuple[dict, dict]:
     return arch, rules
 
 
-def _infer_official_swin(sd: dict) -> tuple[dict, dict]:
+def _infer_official_swin(sd: dict) -> tuple[dict, list]:
     """Architecture and key mapping of the official Swin v1 (`encoder.layers.s.blocks.b.*`)."""
     embed_dim, channels, patch, _ = sd["encoder.patch_embed.proj.weight"].shape
     num_stages = _count_indices(sd, r"encoder\.layers\.(\d+)\.")
@@ -333,12 +335,12 @@ def _infer_official_swin(sd: dict) -> tuple[dict, dict]:
                 resolution = w * 2**s
                 break
 
-    width = embed_dim
-    fc1 = sd[prefix.format(0, 0).replace("attn.", "mlp.fc1.weight")].shape[0]
+    fc1 = sd["encoder.layers.0.blocks.0.mlp.fc1.weight"].shape[0]
     has_qkv_bias = (prefix.format(0, 0) + "qkv.bias") in sd
     arch = dict(
-        encoder_type="swin", num_channels=channels, patch_size=patch, embed_dim=width, depths=depths, num_heads=heads,
-        window_size=window, mlp_ratio=fc1 / width, qkv_bias=has_qkv_bias, use_key_bias=has_qkv_bias,
+        encoder_type="swin", num_channels=channels, patch_size=patch, embed_dim=embed_dim, depths=depths,
+        num_heads=heads, window_size=window, mlp_ratio=fc1 / embed_dim, qkv_bias=has_qkv_bias,
+        use_key_bias=has_qkv_bias,
         use_absolute_position_embeddings="encoder.absolute_pos_embed" in sd,
         patch_norm="encoder.patch_embed.norm.weight" in sd,
     )
@@ -714,14 +716,17 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.source not in SOURCES:
         raise ValueError(f"`--source` must be one of {SOURCES}; got {args.source!r}.")
-    overrides = {key: getattr(args, key) for key in ("mask_patch_size", "mask_ratio", "layer_norm_eps", "drop_path_rate")}
+    overrides = {
+        key: getattr(args, key) for key in ("mask_patch_size", "mask_ratio", "layer_norm_eps", "drop_path_rate")
+    }
     if args.source == "official":
         overrides.update(image_size=args.image_size, num_attention_heads=args.num_attention_heads)
         model = convert_official_checkpoint(args.checkpoint, **overrides)
     else:
         if args.image_size is not None or args.num_attention_heads is not None:
             raise ValueError("`--image_size` and `--num_attention_heads` apply to --source official only.")
-        model = convert_transformers_checkpoint(args.checkpoint, **{k: v for k, v in overrides.items() if v is not None})
+        overrides = {key: value for key, value in overrides.items() if value is not None}
+        model = convert_transformers_checkpoint(args.checkpoint, **overrides)
     output = save_converted(model, args.output)
     config = model.config
     print(
