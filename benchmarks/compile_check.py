@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["vit-base-p16-224", "swin-base-w6-192"])
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("compile_check.py needs a CUDA device.")

@@ -15,19 +15,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 
 echo "== 1. train step vs transformers (bf16) =="
-timeout 240 $PY benchmarks/train_step.py --device cuda --dtype bf16 --batch_size 64 --warmup 3 --iters 10 --rounds 3 \
+timeout 130 $PY benchmarks/train_step.py --device cuda --dtype bf16 --batch_size 64 --warmup 3 --iters 10 --rounds 2 \
     --json "$RESULTS_DIR/train_step.json" 2>&1 | tee "$RESULTS_DIR/train_step.log" | grep -v Warning
 
 echo "== 2. torch.compile + fp16 =="
-timeout 240 $PY benchmarks/compile_check.py --presets vit-base-p16-224 swin-base-w6-192 --batch_size 64 2>&1 \
+timeout 130 $PY benchmarks/compile_check.py --presets vit-base-p16-224 swin-base-w6-192 --batch_size 64 2>&1 \
     | tee "$RESULTS_DIR/compile.log" | grep -v Warning
 
 echo "== 3. pretraining script, bf16 =="
 for preset in vit-nano-p4-32 vit-base-p16-224; do
     batch=$([ "$preset" = vit-nano-p4-32 ] && echo 64 || echo 128)
-    timeout 150 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
+    timeout 75 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
         examples/run_pretraining.py --preset "$preset" --mixed_precision bf16 --per_device_train_batch_size "$batch" \
-        --sample_data_repeats 64 --max_train_steps 40 --logging_steps 10 --learning_rate 1e-3 \
+        --sample_data_repeats 64 --max_train_steps 30 --logging_steps 10 --learning_rate 1e-3 \
         --output_dir "/tmp/simmim-gpu-$preset" > "$RESULTS_DIR/pretrain-$preset.log" 2>&1
     echo "$preset exit=$?"; grep -E "step (10|20|30|40)/|Num processes|images/s" "$RESULTS_DIR/pretrain-$preset.log" | grep -v "it/s\]" | tail -6
 done
