@@ -170,6 +170,10 @@ class SimMIMConfig(PretrainedConfig):
         self.mask_patch_size = mask_patch_size
         self.mask_ratio = mask_ratio
 
+        if encoder_type not in ENCODER_TYPES:
+            raise ValueError(
+                f"SimMIMConfig: `encoder_type` must be one of {ENCODER_TYPES}; got encoder_type={encoder_type!r}."
+            )
         is_vit = encoder_type == "vit"
         if use_key_bias is None:
             use_key_bias = not is_vit
@@ -213,8 +217,6 @@ class SimMIMConfig(PretrainedConfig):
         def fail(field: str, expected: str, value) -> None:
             raise ValueError(f"SimMIMConfig: `{field}` {expected}; got {field}={value!r}.")
 
-        if self.encoder_type not in ENCODER_TYPES:
-            fail("encoder_type", f"must be one of {ENCODER_TYPES}", self.encoder_type)
         for field in ("image_size", "patch_size", "num_channels", "mask_patch_size"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

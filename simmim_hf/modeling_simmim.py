@@ -208,9 +208,13 @@ class SimMIMAttention(nn.Module):
         b, g, n, c = hidden_states.shape
         qkv = F.linear(hidden_states, self.qkv.weight, self.qkv_bias())
         # (B, G, N, 3, heads, d) -> 3 x (B, G * heads, N, d): groups and heads share the attention batch dim,
-        # so one (G * heads, N, N) bias broadcasts over the batch without being copied per image.
-        qkv = qkv.view(b, g, n, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
-        query, key, value = qkv.reshape(3, b, g * self.num_heads, n, self.head_dim).unbind(0)
+        # so one (G * heads, N, N) bias broadcasts over the batch without being copied per image. Each of
+        # q, k, v gets its own buffer: views of one stacked copy would keep all three alive for backward
+        # when SDPA saves only some of them.
+        qkv = qkv.view(b, g, n, 3, self.num_heads, self.head_dim)
+        query, key, value = (
+            qkv.select(3, i).transpose(2, 3).reshape(b, g * self.num_heads, n, self.head_dim) for i in range(3)
+        )
 
         if self.relative_position_bias is not None:
             own_bias = self.relative_position_bias().repeat(g, 1, 1)

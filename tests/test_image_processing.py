@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import BLOCK_SIMMIM_HF
 
 from simmim_hf import SimMIMConfig
 from simmim_hf.data import SimMIMTransform, sample_seed, seed_worker, simmim_collate_fn
@@ -398,7 +399,6 @@ def test_trust_remote_code_in_fresh_process(tmp_path):
     script = textwrap.dedent(f"""
         import importlib.util, sys
         import numpy as np, torch
-        assert importlib.util.find_spec("simmim_hf") is None, "simmim_hf must not be importable here"
         from transformers import AutoImageProcessor
         processor = AutoImageProcessor.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
         assert type(processor).__name__ == "SimMIMImageProcessor", type(processor)
@@ -408,7 +408,9 @@ def test_trust_remote_code_in_fresh_process(tmp_path):
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONNOUSERSITE="1")
-    result = subprocess.run([sys.executable, "-c", script], cwd=work_dir, env=env, capture_output=True, text=True,
+    # BLOCK_SIMMIM_HF makes `import simmim_hf` fail even where the package is installed (e.g. editable).
+    result = subprocess.run([sys.executable, "-c", BLOCK_SIMMIM_HF + script], cwd=work_dir, env=env,
+                            capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     got = torch.load(work_dir / "out.pt")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BLOCK_SIMMIM_HF
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,7 +176,6 @@ def test_push_to_hub_standin_holds_a_loadable_model(full_run):
     # Fresh process, away from the repo, simmim_hf not importable.
     code = (
         "import importlib.util, sys, torch\n"
-        "assert importlib.util.find_spec('simmim_hf') is None, 'simmim_hf must not be importable here'\n"
         "from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling\n"
         f"path = {str(record)!r}\n"
         "model = AutoModelForMaskedImageModeling.from_pretrained(path, trust_remote_code=True)\n"
@@ -189,7 +189,8 @@ def test_push_to_hub_standin_holds_a_loadable_model(full_run):
     )
     env = _env()
     env.pop("PYTHONPATH")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=full_run["tmp"], env=env, stdout=subprocess.PIPE,
+    # BLOCK_SIMMIM_HF makes `import simmim_hf` fail even where the package is installed (e.g. editable).
+    proc = subprocess.run([sys.executable, "-c", BLOCK_SIMMIM_HF + code], cwd=full_run["tmp"], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=120)
     assert proc.returncode == 0 and "LOADED transformers_modules" in proc.stdout, proc.stdout[-3000:]
 
