@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -30,30 +29,15 @@ from simmim_hf.image_processing_simmim import SimMIMImageProcessor  # noqa: E402
 from simmim_hf.optimization import build_param_groups  # noqa: E402
 from simmim_hf.sample_data import load_sample_dataset  # noqa: E402
 
+# The run_mim.py baseline's mask generator lives beside the processor benchmark (this folder is on sys.path).
+from processor import MaskGenerator  # noqa: E402
+
 
 def _script():
     spec = importlib.util.spec_from_file_location("run_pretraining", REPO / "examples" / "run_pretraining.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-class MaskGenerator:
-    """transformers/examples/pytorch/image-pretraining/run_mim.py's mask generator (numpy, per sample)."""
-
-    def __init__(self, input_size=192, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6):
-        self.rand_size = input_size // mask_patch_size
-        self.scale = mask_patch_size // model_patch_size
-        self.token_count = self.rand_size**2
-        self.mask_count = int(np.ceil(self.token_count * mask_ratio))
-
-    def __call__(self):
-        mask_idx = np.random.permutation(self.token_count)[: self.mask_count]
-        mask = np.zeros(self.token_count, dtype=int)
-        mask[mask_idx] = 1
-        mask = mask.reshape((self.rand_size, self.rand_size))
-        mask = mask.repeat(self.scale, axis=0).repeat(self.scale, axis=1)
-        return torch.tensor(mask.flatten())
 
 
 def timed_loop(loader, step_fn, warmup: int, steps: int, batch_size: int) -> float:
