@@ -548,7 +548,9 @@ def main(argv=None) -> int:
     model, processor, model_source = build_model_and_processor(args)
     config = model.config
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers >= 5.24 renamed it (the old name still works there, with a FutureWarning).
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
 
     with accelerator.main_process_first():  # one process downloads / prepares, the others reuse the cache
         train_hf, eval_hf, image_column, data_description = load_data(args, accelerator)
