@@ -53,7 +53,7 @@ PRESETS: dict[str, dict] = {
         encoder_type="swin", image_size=32, patch_size=2, embed_dim=16, depths=[2, 2, 2],
         num_heads=[2, 4, 8], window_size=4, mask_patch_size=8,
     ),
-    # A small but non-trivial model for the CPU demo run (64 px, ~1.3 M parameters).
+    # A small but non-trivial model for the CPU demo run (64 px, ~0.85 M parameters).
     "vit-micro-p8-64": dict(
         encoder_type="vit", image_size=64, patch_size=8, hidden_size=128, num_hidden_layers=4,
         num_attention_heads=4, intermediate_size=512, mask_patch_size=16,
