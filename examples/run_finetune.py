@@ -360,12 +360,14 @@ def evaluate_model(model, dataloader, accelerator, num_classes: int) -> dict:
     for batch in dataloader:
         logits = model(pixel_values=batch["pixel_values"]).logits
         labels = batch["labels"]
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-        count += labels.numel()
-        logits, labels = accelerator.gather_for_metrics((logits, labels))
+        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        # gather_for_metrics drops the samples the sampler repeated to even out the last batch across
+        # processes, so neither the metrics nor the loss count them twice.
+        logits, labels, losses = accelerator.gather_for_metrics((logits, labels, losses))
+        loss_sum += losses.sum()
+        count += losses.numel()
         metric.add_batch(predictions=logits.float().cpu().numpy(), references=labels.cpu().numpy())
     results = metric.compute(top_k=(1, 5) if num_classes >= 5 else (1,))
-    loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
     results["loss"] = (loss_sum / count.clamp(min=1)).item()
     model.train()
     return results
