@@ -541,11 +541,11 @@ class SimMIMPreTrainedModel(PreTrainedModel):
 
     def get_layer_id_for_lr_decay(self, name: str) -> int:
         """Depth of a parameter for layer-wise lr decay, as in the official fine-tuning code: 0 for the
-        embeddings (and a shared relative position bias), i + 1 for the i-th block counted through all stages
-        (a Swin patch merging belongs with the last block of its stage), `num_layers_for_decay + 1` for
-        everything after the encoder (final norm, heads)."""
+        embeddings, i + 1 for the i-th block counted through all stages (a Swin patch merging belongs with the
+        last block of its stage), `num_layers_for_decay + 1` for everything after the encoder (final norm,
+        heads) and for a shared ViT relative position bias, which the official code also trains at full lr."""
         name = name.removeprefix(f"{self.base_model_prefix}.")
-        if name.startswith("embeddings.") or name.startswith("encoder.relative_position_bias."):
+        if name.startswith("embeddings."):
             return 0
         parts = name.split(".")
         if self.config.encoder_type == "vit" and parts[:2] == ["encoder", "layers"]:

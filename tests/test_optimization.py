@@ -161,3 +161,13 @@ def test_errors_name_the_argument(vit):
         LayerDecayLRScheduler(optimizer, num_training_steps=5, num_warmup_steps=6)
     with pytest.raises(ValueError, match="schedule"):
         LayerDecayLRScheduler(optimizer, num_training_steps=5, schedule="poly")
+
+
+def test_shared_relative_position_bias_trains_at_full_lr_like_the_official_code():
+    # Official `get_vit_layer`: rel_pos_bias -> num_layers - 1, the head's layer (scale 1); patch/tokens -> 0.
+    model = SimMIMForImageClassification(SimMIMConfig.from_preset("vit-nano-p4-32", num_labels=3))
+    depth = model.config.num_hidden_layers
+    scales = scale_of(build_param_groups(model, weight_decay=0.05, layer_decay=0.5))
+    assert scales["simmim.encoder.relative_position_bias.relative_position_bias_table"] == 1.0
+    assert scales["simmim.embeddings.cls_token"] == 0.5 ** (depth + 1)
+    assert scales["simmim.encoder.layers.1.mlp.fc1.weight"] == 0.5 ** (depth - 1)
