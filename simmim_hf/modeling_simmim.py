@@ -692,8 +692,9 @@ def masked_l1_loss(pixel_values: torch.Tensor, reconstruction: torch.Tensor, boo
     """
     b, c, height, width = pixel_values.shape
     mask = bool_masked_pos.reshape(b, 1, height // patch_size, 1, width // patch_size, 1)
-    mask = mask.expand(-1, -1, -1, patch_size, -1, patch_size).reshape(b, 1, height, width).to(reconstruction.dtype)
-    error = F.l1_loss(reconstruction, pixel_values.to(reconstruction.dtype), reduction="none")
+    mask = mask.expand(-1, -1, -1, patch_size, -1, patch_size).reshape(b, 1, height, width).float()
+    # In float32 even under autocast: a bf16 sum over millions of pixels would lose the loss's precision.
+    error = F.l1_loss(reconstruction.float(), pixel_values.float(), reduction="none")
     return (error * mask).sum() / (mask.sum() + 1e-5) / c
 
 
