@@ -155,6 +155,20 @@ def test_swin_accepts_a_resolution_other_than_the_config():
     )
 
 
+@kinds
+def test_loss_is_float32_under_bf16_autocast(kind):
+    model = make_model(kind)
+    pixel_values, bool_masked_pos = make_inputs(model.config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(pixel_values, bool_masked_pos=bool_masked_pos)
+    assert output.reconstruction.dtype == torch.bfloat16
+    assert output.loss.dtype == torch.float32
+    expected = reference_loss(pixel_values, output.reconstruction.float(), bool_masked_pos, model.config.patch_size)
+    torch.testing.assert_close(output.loss, expected)
+    output.loss.backward()
+    assert model.simmim.embeddings.mask_token.grad is not None
+
+
 # ---------------------------------------------------------------------------------------------- save / load
 @kinds
 def test_save_pretrained_round_trip(kind, tmp_path):
