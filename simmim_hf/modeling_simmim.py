@@ -321,7 +321,6 @@ class SimMIMViTEncoder(nn.Module):
         )
         rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
         self.layers = nn.ModuleList([SimMIMViTLayer(config, i, rate) for i, rate in enumerate(rates)])
-        self.gradient_checkpointing = False
 
     def forward(self, hidden_states, output_hidden_states=False, output_attentions=False):
         # The shared bias is gathered from its table once per forward, not once per block.
@@ -452,7 +451,6 @@ class SimMIMSwinEncoder(nn.Module):
             SimMIMSwinStage(config, s, rates[start:start + depth])
             for s, (start, depth) in enumerate(zip(starts, config.depths))
         ])
-        self.gradient_checkpointing = False
 
     def forward(self, hidden_states, grid, output_hidden_states=False, output_attentions=False):
         all_hidden = (hidden_states,) if output_hidden_states else None
