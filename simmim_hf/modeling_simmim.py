@@ -113,9 +113,9 @@ def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def window_reverse(windows: torch.Tensor, window: int, height: int, width: int) -> torch.Tensor:
-    """(B, nW, w*w, C) -> (B, H, W, C); inverse of `window_partition`."""
+    """(B, nW, w*w, C) -> (B, H, W, C); inverse of `window_partition`. One copy, whatever the input's strides."""
     b, _, _, c = windows.shape
-    x = windows.view(b, height // window, width // window, window, window, c)
+    x = windows.unflatten(1, (height // window, width // window)).unflatten(3, (window, window))
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, height, width, c)
 
 
@@ -134,14 +134,15 @@ def shifted_window_mask(height: int, width: int, window: int, shift: int) -> tor
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Reference attention that also returns the weights (used for `output_attentions=True`).
+    """Attention in plain torch ops. Used for `output_attentions=True`, and on CPU when the additive mask needs
+    a gradient (see `SimMIMAttention.attention_function`).
 
     query/key/value: (B, heads, N, d); attention_mask: additive, broadcastable to (B, heads, N, N).
     Returns ((B, N, heads, d), (B, heads, N, N)), the layout of transformers' attention functions.
     """
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
+    scores = torch.matmul(query, key.transpose(-1, -2))
+    # Scale and bias in one pass; scaling the scores rather than q and k keeps no scaled copies for backward.
+    scores = scores * scaling if attention_mask is None else torch.add(attention_mask, scores, alpha=scaling)
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
@@ -199,41 +200,50 @@ class SimMIMAttention(nn.Module):
         k_bias = self.k_bias if self.k_bias is not None else torch.zeros_like(self.v_bias)
         return torch.cat((self.q_bias, k_bias, self.v_bias))
 
+    def attention_function(self, attention_bias: torch.Tensor | None, output_attentions: bool):
+        if output_attentions:
+            return eager_attention_forward
+        implementation = self.config._attn_implementation
+        # PyTorch's SDPA has no fused CPU kernel that returns a gradient for the additive mask, so with a learned
+        # bias in training it runs its math path, which scales q and k separately and adds a safe-softmax pass:
+        # `eager_attention_forward` is the same math with fewer passes over memory (faster forward and backward).
+        if (implementation == "sdpa" and attention_bias is not None and attention_bias.requires_grad
+                and attention_bias.device.type == "cpu"):
+            return eager_attention_forward
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
     def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None,
                 output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states: (B, G, N, C), G independent groups (Swin windows; G = 1 for ViT).
-        attention_bias: additive, (G * heads, N, N) or broadcastable to it; the block's own relative
-        position bias (if any) is added here. Returns (B, G, N, C) and, if asked, weights (B*G, heads, N, N).
+        attention_bias: additive, broadcastable to (G, heads, N, N); the block's own relative position bias (if
+        any) is added here. Returns (B, G, N, C) (a strided view) and, if asked, weights (B*G, heads, N, N).
         """
         b, g, n, c = hidden_states.shape
         qkv = F.linear(hidden_states, self.qkv.weight, self.qkv_bias())
-        # (B, G, N, 3, heads, d) -> 3 x (B, G * heads, N, d): groups and heads share the attention batch dim,
-        # so one (G * heads, N, N) bias broadcasts over the batch without being copied per image. Each of
-        # q, k, v gets its own buffer: views of one stacked copy would keep all three alive for backward
-        # when SDPA saves only some of them.
-        qkv = qkv.view(b, g, n, 3, self.num_heads, self.head_dim)
+        # (B, G, N, 3, heads, d) -> 3 x (B, G * heads, N, d) in one copy. Groups and heads share the attention
+        # batch dim, so one (G * heads, N, N) bias broadcasts over the batch without being copied per image.
         query, key, value = (
-            qkv.select(3, i).transpose(2, 3).reshape(b, g * self.num_heads, n, self.head_dim) for i in range(3)
+            qkv.view(b, g, n, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
+            .reshape(3, b, g * self.num_heads, n, self.head_dim).unbind(0)
         )
 
         if self.relative_position_bias is not None:
-            own_bias = self.relative_position_bias().repeat(g, 1, 1)
+            own_bias = self.relative_position_bias()  # (heads, N, N)
             attention_bias = own_bias if attention_bias is None else attention_bias + own_bias
         if attention_bias is not None:
-            attention_bias = attention_bias.to(query.dtype).unsqueeze(0)
+            attention_bias = attention_bias.to(query.dtype).expand(g, self.num_heads, n, n).reshape(1, -1, n, n)
 
-        implementation = "eager" if output_attentions else self.config._attn_implementation
-        attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attention_fn = self.attention_function(attention_bias, output_attentions)
         context, weights = attention_fn(
             self, query, key, value, attention_bias,
             dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, is_causal=False,
         )
-        # (B, N, G * heads, d) -> (B, G, N, C)
-        context = context.view(b, n, g, self.num_heads * self.head_dim).transpose(1, 2)
-        output = self.proj_dropout(self.proj(context))
+        # The projection acts per token, so it runs in the (B, N, G, C) order the attention returns; the caller's
+        # next reshape (the window reverse) makes the one copy back into its own order.
+        output = self.proj_dropout(self.proj(context.view(b, n, g, c)))
         if weights is not None:
             weights = weights.view(b * g, self.num_heads, n, n)
-        return output, weights
+        return output.transpose(1, 2), weights
 
 
 class SimMIMMLP(nn.Module):
@@ -400,8 +410,7 @@ class SimMIMSwinLayer(GradientCheckpointingLayer):
         attention_bias = None
         if self.shift_size:
             mask = self.shift_mask if grid == (self.resolution,) * 2 else self._shift_mask(height, width).to(x)
-            # (nW, N, N) -> (nW * heads, N, N), matching the attention's (window, head) batch layout.
-            attention_bias = mask.repeat_interleave(self.attention.num_heads, dim=0)
+            attention_bias = mask.unsqueeze(1)  # (nW, 1, N, N): the same for every head
         attended, weights = self.attention(windows, attention_bias, output_attentions)
 
         x = window_reverse(attended, self.window_size, height, width)
