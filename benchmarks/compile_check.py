@@ -73,7 +73,10 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = True
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
 
-    rows = []
+    # Rows print as each preset finishes, so a run cut short by a time limit still reports what it measured.
+    print(f"\nbf16 autocast, batch {args.batch_size}, fwd+bwd+AdamW, median of {args.rounds} rounds x {args.iters} steps")
+    print(f"{'preset':<20} {'loss eager':>10} {'loss comp.':>10} {'agree':>6} {'eager img/s':>12} "
+          f"{'compiled img/s':>15} {'speed-up':>9}  fp16 loss first->last ok", flush=True)
     for preset in args.presets:
         config = SimMIMConfig.from_preset(preset, drop_path_rate=0.0)
         pixel_values, mask = make_batch(config, args.batch_size, "cuda")
@@ -105,14 +108,12 @@ def main() -> None:
         fp16_losses = [train_step(fp16_model, fp16_opt, pixel_values, mask, torch.float16, scaler).item() for _ in range(8)]
         fp16_ok = all(torch.isfinite(torch.tensor(fp16_losses))) and fp16_losses[-1] < fp16_losses[0]
 
-        rows.append((preset, loss_eager, loss_compiled, agree, eager_ips, compiled_ips, fp16_losses[0], fp16_losses[-1], fp16_ok))
+        print(f"{preset:<20} {loss_eager:>10.4f} {loss_compiled:>10.4f} {str(agree):>6} {eager_ips:>12.1f} "
+              f"{compiled_ips:>15.1f} {compiled_ips / eager_ips:>8.2f}x  {fp16_losses[0]:.4f}->{fp16_losses[-1]:.4f} {fp16_ok}",
+              flush=True)
         del eager, compiled, compiled_model, fp16_model, opt_eager, opt_compiled, fp16_opt
         torch.cuda.empty_cache()
 
-    print(f"\nbf16 autocast, batch {args.batch_size}, fwd+bwd+AdamW, median of {args.rounds} rounds x {args.iters} steps")
-    print(f"{'preset':<20} {'loss eager':>10} {'loss comp.':>10} {'agree':>6} {'eager img/s':>12} {'compiled img/s':>15} {'speed-up':>9}  fp16 loss first->last ok")
-    for preset, le, lc, agree, ei, ci, f0, f1, ok in rows:
-        print(f"{preset:<20} {le:>10.4f} {lc:>10.4f} {str(agree):>6} {ei:>12.1f} {ci:>15.1f} {ci / ei:>8.2f}x  {f0:.4f}->{f1:.4f} {ok}")
 
 
 if __name__ == "__main__":

@@ -4,24 +4,37 @@
 #   2. torch.compile vs eager (loss agreement, speed) and fp16 + GradScaler training;
 #   3. the pretraining script end to end in bf16 on the tiny preset and on the paper's ViT-B.
 # Usage: bash benchmarks/gpu_check.sh [RESULTS_DIR]     (logs and JSON go to RESULTS_DIR, default gpu_results)
+#   STEPS="1 2" runs only those parts; COMPILE_PRESETS picks the models compiled in part 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS_DIR=${1:-gpu_results}
 mkdir -p "$RESULTS_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
+STEPS=${STEPS:-1 2 3}
+COMPILE_PRESETS=${COMPILE_PRESETS:-swin-tiny-w6-192 vit-base-p16-224}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 
-echo "== 1. train step vs transformers (bf16) =="
-timeout 130 $PY benchmarks/train_step.py --device cuda --dtype bf16 --batch_size 64 --warmup 3 --iters 10 --rounds 2 \
+if want 1; then
+echo "== 1. train step vs transformers (bf16; then fp32 without TF32) =="
+timeout 130 $PY benchmarks/train_step.py --device cuda --dtype bf16 --batch_size 64 --warmup 3 --iters 10 --rounds 3 \
     --json "$RESULTS_DIR/train_step.json" 2>&1 | tee "$RESULTS_DIR/train_step.log" | grep -v Warning
+timeout 90 $PY benchmarks/train_step.py --device cuda --dtype fp32 --batch_size 32 --warmup 2 --iters 6 --rounds 3 \
+    --pairs vit swin --json "$RESULTS_DIR/train_step_fp32.json" 2>&1 | tee "$RESULTS_DIR/train_step_fp32.log" \
+    | grep -v Warning
+fi
 
+if want 2; then
 echo "== 2. torch.compile + fp16 =="
-timeout 130 $PY benchmarks/compile_check.py --presets vit-base-p16-224 swin-base-w6-192 --batch_size 64 2>&1 \
+# shellcheck disable=SC2086
+timeout 200 $PY benchmarks/compile_check.py --presets $COMPILE_PRESETS --batch_size 64 2>&1 \
     | tee "$RESULTS_DIR/compile.log" | grep -v Warning
+fi
 
+want 3 || exit 0
 echo "== 3. pretraining script, bf16 =="
 for preset in vit-nano-p4-32 vit-base-p16-224; do
     batch=$([ "$preset" = vit-nano-p4-32 ] && echo 64 || echo 128)
