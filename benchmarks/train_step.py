@@ -16,11 +16,19 @@ Throughput: all models live in one process and are timed *alternately* (round-ro
 `--iters` timed steps each after `--warmup` untimed steps), so slow drift of a shared machine hits every model
 alike; the reported images/s is the median over rounds.
 
+The speed ratio of a pair is the median over rounds of the ratio within each round (a paired comparison: both
+models of a round ran under the same machine conditions), which is steadier on a shared machine than the ratio
+of the two medians.
+
 Peak memory is measured in a separate, fresh process per model (one process cannot tell which model caused its
-peak). On CPU it is the growth of the process's resident set size from just before the model is built to its
-peak during the training steps (`VmHWM`, reset at the start, minus the `VmRSS` baseline): parameters, gradients,
-AdamW state, activations and whatever the allocator keeps cached. Python-level tracers such as tracemalloc do
-not see torch's allocations and are not used. On CUDA it is `torch.cuda.max_memory_allocated()` of that process.
+peak). On CUDA it is `torch.cuda.max_memory_allocated()` of that process. On CPU two figures are given:
+
+* "alloc": the CPU counterpart of that CUDA figure: the bytes of every tensor alive before a training step
+  (parameters, AdamW state, batch) plus the highest running total of the step's own allocations, replayed from
+  the torch profiler's allocation events.
+* "RSS": the growth of the process's resident set size from just before the model is built to its peak during
+  the training steps (`VmHWM`, reset at the start, minus the `VmRSS` baseline). It also counts what the C
+  allocator keeps cached or fragmented, so it can differ between two models that allocate the same tensors.
 
 Usage:
     python benchmarks/train_step.py                                 # CPU, fp32, batch 8
@@ -159,13 +167,31 @@ def memory_worker(name: str, args) -> dict:
     for _ in range(max(args.warmup, 1) + 1):
         runner.step()
     if args.device == "cuda":
-        peak_mib = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mib = (proc_status_kib("VmHWM") - baseline_kib) / 1024
-    return {"name": name, "peak_mib": peak_mib}
+        return {"name": name, "peak_mib": torch.cuda.max_memory_allocated() / 2**20}
+    rss_mib = (proc_status_kib("VmHWM") - baseline_kib) / 1024
+    return {"name": name, "peak_mib": cpu_peak_allocated_mib(runner), "rss_mib": rss_mib}
 
 
-def measure_memory(names: list[str], args) -> dict[str, float]:
+def cpu_peak_allocated_mib(runner: Runner) -> float:
+    """Bytes of the tensors alive before one training step plus the peak of the step's own allocations."""
+    from torch.profiler import ProfilerActivity, profile
+
+    state = [*runner.model.parameters(), *runner.model.buffers(), *runner.batch]
+    state += [t for s in runner.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    resident = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state}.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        runner.step()
+    # Allocation (+bytes) and free (-bytes) events in time order; the running total is the step's live memory.
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    running = peak = 0
+    for event in events:
+        running += event.nbytes()
+        peak = max(peak, running)
+    return (resident + peak) / 2**20
+
+
+def measure_memory(names: list[str], args) -> dict[str, dict]:
     peaks = {}
     for name in names:
         command = [sys.executable, __file__, "--memory_worker", name, "--device", args.device, "--dtype", args.dtype,
@@ -175,7 +201,7 @@ def measure_memory(names: list[str], args) -> dict[str, float]:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"memory worker for {name} failed:\n{result.stderr}")
-        peaks[name] = json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+        peaks[name] = json.loads(result.stdout.strip().splitlines()[-1])
     return peaks
 
 
@@ -226,26 +252,37 @@ def main() -> None:
 
     memory = {} if args.skip_memory else measure_memory(names, args)
 
-    print(f"\n{'model':<20} {'params':>11} {'images/s':>9} {'(per round)':<24} {'peak MiB':>9}  description")
+    rss = args.device == "cpu"
+    memory_head = f"{'alloc MiB':>9} {'RSS MiB':>8}" if rss else f"{'peak MiB':>9}"
+    print(f"\n{'model':<20} {'params':>11} {'images/s':>9} {'(per round)':<24} {memory_head}  description")
     for name in names:
         rounds = ", ".join(f"{v:.2f}" for v in per_round[name])
-        peak = f"{memory[name]:9.0f}" if name in memory else f"{'-':>9}"
-        print(f"{name:<20} {parameters[name]:>11,} {throughput[name]:>9.2f} ({rounds:<22}) {peak}  {MODELS[name]}")
+        cells = [memory[name]["peak_mib"], memory[name]["rss_mib"]] if rss and name in memory else (
+            [memory[name]["peak_mib"]] if name in memory else [])
+        mem = f"{cells[0]:9.0f}" + (f" {cells[1]:8.0f}" if len(cells) > 1 else "") if cells else \
+            f"{'-':>9}" + (f" {'-':>8}" if rss else "")
+        print(f"{name:<20} {parameters[name]:>11,} {throughput[name]:>9.2f} ({rounds:<22}) {mem}  {MODELS[name]}")
     print()
-    results = {"args": vars(args), "throughput": throughput, "per_round": per_round, "peak_mib": memory,
+    results = {"args": vars(args), "throughput": throughput, "per_round": per_round, "memory": memory,
                "parameters": parameters, "pairs": {}}
     for pair in args.pairs:
         reference, candidate = PAIRS[pair]
-        ratio = throughput[candidate] / throughput[reference]
-        line = f"{pair:<6} {candidate} / {reference}: speed x{ratio:.3f}"
+        round_ratios = [c / r for c, r in zip(per_round[candidate], per_round[reference])]
+        ratio = statistics.median(round_ratios)
+        line = f"{pair:<6} {candidate} / {reference}: speed x{ratio:.3f} " \
+               f"(rounds {min(round_ratios):.3f}-{max(round_ratios):.3f})"
+        memory_ratio = None
         if memory:
-            line += f", peak memory {memory[candidate]:.0f} vs {memory[reference]:.0f} MiB " \
-                    f"(x{memory[candidate] / memory[reference]:.3f})"
+            peak_c, peak_r = memory[candidate]["peak_mib"], memory[reference]["peak_mib"]
+            memory_ratio = peak_c / peak_r
+            line += f", peak {'allocated ' if rss else ''}memory {peak_c:.0f} vs {peak_r:.0f} MiB (x{memory_ratio:.3f})"
+            if rss:
+                rss_c, rss_r = memory[candidate]["rss_mib"], memory[reference]["rss_mib"]
+                line += f", RSS {rss_c:.0f} vs {rss_r:.0f} MiB (x{rss_c / rss_r:.3f})"
         if pair in TARGETS:
             line += f"  [target speed >= {TARGETS[pair]}: {'met' if ratio >= TARGETS[pair] else 'NOT met'}]"
         print(line)
-        results["pairs"][pair] = {"speed_ratio": ratio, "memory_ratio": memory[candidate] / memory[reference]
-                                  if memory else None}
+        results["pairs"][pair] = {"speed_ratio": ratio, "round_ratios": round_ratios, "memory_ratio": memory_ratio}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
