@@ -3,7 +3,8 @@
 Profiles `--steps` full training steps (forward, backward, AdamW) of each model with the torch profiler and
 sums the self time of every ATen op into categories:
 
-* ``gemm``: mm / addmm / bmm / baddbmm: the linear layers and the attention products;
+* ``gemm / attention``: mm / addmm / bmm / baddbmm (the linear layers and attention products) and PyTorch's
+  fused CPU attention kernels;
 * ``conv``: the patch embedding and the 1x1 decoder convolution (forward and backward);
 * ``gelu / norm / softmax``: GELU, LayerNorm, softmax, forward and backward;
 * ``optimizer``: everything under `Optimizer.step` (AdamW's element-wise updates);
@@ -32,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import PAIRS, Runner  # noqa: E402
 
 CATEGORIES = {
-    "gemm": {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"},
+    "gemm / attention": {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm",
+                         "aten::_scaled_dot_product_flash_attention_for_cpu",
+                         "aten::_scaled_dot_product_flash_attention_for_cpu_backward"},
     "conv": {"aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution",
              "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward"},
     "gelu / norm / softmax": {"aten::gelu", "aten::gelu_backward", "aten::native_layer_norm",
@@ -41,7 +44,7 @@ CATEGORIES = {
     "layout": {"aten::copy_", "aten::clone", "aten::cat", "aten::stack", "aten::roll", "aten::constant_pad_nd",
                "aten::index", "aten::index_select", "aten::index_put_", "aten::_unsafe_index", "aten::contiguous"},
 }
-ESSENTIAL = ("gemm", "conv", "gelu / norm / softmax", "optimizer")
+ESSENTIAL = ("gemm / attention", "conv", "gelu / norm / softmax", "optimizer")
 ORDER = (*ESSENTIAL, "layout", "other")
 
 

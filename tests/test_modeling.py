@@ -119,6 +119,40 @@ def test_sdpa_and_eager_attention_agree(kind):
 
 
 @kinds
+def test_cpu_training_with_a_learned_bias_takes_the_eager_path_with_sdpa_gradients(kind, monkeypatch):
+    """On CPU, SDPA would run its math path for a bias that needs a gradient; the model uses its eager function
+    there instead, which must give what SDPA gives, gradients included. Without a gradient SDPA stays in use."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from simmim_hf.modeling_simmim import SimMIMAttention, eager_attention_forward
+
+    model = make_model(kind).train()  # both tiny presets learn relative position biases
+    pixel_values, bool_masked_pos = make_inputs(model.config)
+    attention = next(m for m in model.modules() if isinstance(m, SimMIMAttention))
+    table = next(p for n, p in model.named_parameters() if n.endswith("relative_position_bias_table"))
+    assert attention.attention_function(table[:1].expand(3, 3), output_attentions=False) is eager_attention_forward
+    with torch.no_grad():
+        assert attention.attention_function(table[:1].expand(3, 3), output_attentions=False) \
+            is ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert attention.attention_function(None, output_attentions=False) is ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def loss_and_gradients():
+        model.zero_grad()
+        loss = model(pixel_values, bool_masked_pos=bool_masked_pos).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, gradients = loss_and_gradients()
+    monkeypatch.setattr(SimMIMAttention, "attention_function", lambda self, *a: ALL_ATTENTION_FUNCTIONS["sdpa"])
+    sdpa_loss, sdpa_gradients = loss_and_gradients()
+    torch.testing.assert_close(loss, sdpa_loss, rtol=0, atol=1e-6)
+    assert gradients.keys() == sdpa_gradients.keys()
+    assert any("relative_position_bias_table" in name for name in gradients)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, sdpa_gradients[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@kinds
 def test_gradient_checkpointing_gives_the_same_gradients(kind):
     pixel_values, bool_masked_pos = make_inputs(make_model(kind).config)
 
