@@ -207,8 +207,8 @@ class SimMIMAttention(nn.Module):
         # PyTorch's SDPA has no fused CPU kernel that returns a gradient for the additive mask, so with a learned
         # bias in training it runs its math path, which scales q and k separately and adds a safe-softmax pass:
         # `eager_attention_forward` is the same math with fewer passes over memory (faster forward and backward).
-        if (implementation == "sdpa" and attention_bias is not None and attention_bias.requires_grad
-                and attention_bias.device.type == "cpu"):
+        if (implementation == "sdpa" and attention_bias is not None and attention_bias.device.type == "cpu"
+                and attention_bias.requires_grad and torch.is_grad_enabled()):
             return eager_attention_forward
         return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 

@@ -130,9 +130,9 @@ def test_cpu_training_with_a_learned_bias_takes_the_eager_path_with_sdpa_gradien
     pixel_values, bool_masked_pos = make_inputs(model.config)
     attention = next(m for m in model.modules() if isinstance(m, SimMIMAttention))
     table = next(p for n, p in model.named_parameters() if n.endswith("relative_position_bias_table"))
-    assert attention.attention_function(table[:1].expand(3, 3), output_attentions=False) is eager_attention_forward
+    assert attention.attention_function(table[:1, :1].expand(3, 3), output_attentions=False) is eager_attention_forward
     with torch.no_grad():
-        assert attention.attention_function(table[:1].expand(3, 3), output_attentions=False) \
+        assert attention.attention_function(table[:1, :1].expand(3, 3), output_attentions=False) \
             is ALL_ATTENTION_FUNCTIONS["sdpa"]
     assert attention.attention_function(None, output_attentions=False) is ALL_ATTENTION_FUNCTIONS["sdpa"]
 
