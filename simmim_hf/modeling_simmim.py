@@ -29,6 +29,7 @@ from transformers.modeling_outputs import (
     MaskedImageModelingOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple
 
 from .configuration_simmim import SimMIMConfig
 
@@ -646,13 +647,13 @@ class SimMIMModel(SimMIMPreTrainedModel):
                     raise ValueError("`bool_masked_pos` must contain only 0 and 1 (or be boolean).")
         return grid
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         bool_masked_pos: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> SimMIMModelOutput | tuple:
         r"""
@@ -662,7 +663,6 @@ class SimMIMModel(SimMIMPreTrainedModel):
         output_hidden_states = output_hidden_states if output_hidden_states is not None else \
             self.config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         grid = self._check_inputs(pixel_values, bool_masked_pos)
         pixel_values = pixel_values.to(self.embeddings.projection.weight.dtype)
 
@@ -682,8 +682,6 @@ class SimMIMModel(SimMIMPreTrainedModel):
             pooled = patches.mean(dim=1)
         feature_map = patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid)
 
-        if not return_dict:
-            return tuple(v for v in (sequence, pooled, all_hidden, all_attentions, feature_map) if v is not None)
         return SimMIMModelOutput(
             last_hidden_state=sequence, pooler_output=pooled, hidden_states=all_hidden,
             attentions=all_attentions, feature_map=feature_map,
@@ -717,13 +715,13 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         )
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         bool_masked_pos: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> MaskedImageModelingOutput | tuple:
         r"""
@@ -733,7 +731,6 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
 
         Returns `MaskedImageModelingOutput(loss, reconstruction (B, C, H, W), hidden_states, attentions)`.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.simmim(
             pixel_values, bool_masked_pos=bool_masked_pos, output_hidden_states=output_hidden_states,
             output_attentions=output_attentions, return_dict=True,
@@ -742,9 +739,6 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         loss = None
         if bool_masked_pos is not None:
             loss = masked_l1_loss(pixel_values, reconstruction, bool_masked_pos, self.config.patch_size)
-        if not return_dict:
-            extra = tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
-            return ((loss,) if loss is not None else ()) + (reconstruction,) + extra
         return MaskedImageModelingOutput(
             loss=loss, reconstruction=reconstruction, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -764,29 +758,25 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
         r"""
         labels (`(B,)`, *optional*): class indices; with them the output carries the loss (cross-entropy for
             single-label problems, following `config.problem_type`).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.simmim(
             pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             return_dict=True,
         )
         logits = self.classifier(self.fc_norm(outputs.pooler_output))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
-        if not return_dict:
-            extra = tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
-            return ((loss,) if loss is not None else ()) + (logits,) + extra
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )

@@ -385,3 +385,27 @@ def test_official_init_rescales_vit_residual_outputs_and_survives_loading(tmp_pa
     reloaded = SimMIMForMaskedImageModeling.from_pretrained(tmp_path)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@kinds
+def test_return_dict_false_gives_the_output_fields_as_a_tuple(kind):
+    from simmim_hf import SimMIMForImageClassification
+
+    model = make_model(kind).eval()
+    pixel_values, bool_masked_pos = make_inputs(model.config)
+    with torch.no_grad():
+        output = model(pixel_values, bool_masked_pos=bool_masked_pos, output_hidden_states=True)
+        loss, reconstruction, hidden_states = model(pixel_values, bool_masked_pos=bool_masked_pos,
+                                                    output_hidden_states=True, return_dict=False)
+        features = model.simmim(pixel_values, return_dict=False)
+    torch.testing.assert_close(loss, output.loss)
+    torch.testing.assert_close(reconstruction, output.reconstruction)
+    assert len(hidden_states) == len(output.hidden_states)
+    # SimMIMModel: (last_hidden_state, pooler_output, feature_map) without the optional fields
+    assert len(features) == 3 and features[2].dim() == 4
+
+    classifier = SimMIMForImageClassification(SimMIMConfig.from_preset(PRESETS[kind], num_labels=3,
+                                                                       return_dict=False)).eval()
+    with torch.no_grad():
+        loss, logits = classifier(pixel_values, labels=torch.tensor([0, 2]))
+    assert logits.shape == (2, 3) and loss.dim() == 0
