@@ -20,9 +20,9 @@ $PY -c "import torch, transformers, accelerate; print('torch', torch.__version__
 
 if want 1; then
 echo "== 1. train step vs transformers (bf16; then fp32 without TF32) =="
-timeout 130 $PY benchmarks/train_step.py --device cuda --dtype bf16 --batch_size 64 --warmup 3 --iters 10 --rounds 3 \
+timeout 130 $PY benchmarks/train_step.py --device cuda --dtype bf16 --batch_size 64 --warmup 5 --iters 10 --rounds 8 \
     --json "$RESULTS_DIR/train_step.json" 2>&1 | tee "$RESULTS_DIR/train_step.log" | grep -v Warning
-timeout 90 $PY benchmarks/train_step.py --device cuda --dtype fp32 --batch_size 32 --warmup 2 --iters 6 --rounds 3 \
+timeout 90 $PY benchmarks/train_step.py --device cuda --dtype fp32 --batch_size 32 --warmup 3 --iters 5 --rounds 6 \
     --pairs vit swin --json "$RESULTS_DIR/train_step_fp32.json" 2>&1 | tee "$RESULTS_DIR/train_step_fp32.log" \
     | grep -v Warning
 fi
