@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All GPU checks in one go (fits a ~10 minute slot on one H100/H200):
+# All GPU checks in one go (about 12 minutes on one H100/H200; STEPS="1 2" about 8):
 #   1. train-step throughput and peak memory vs transformers' ViT/Swin MIM models, bf16 autocast;
 #   2. torch.compile vs eager (loss agreement, speed) and fp16 + GradScaler training;
 #   3. the pretraining script end to end in bf16 on the tiny preset and on the paper's ViT-B.
@@ -20,9 +20,9 @@ $PY -c "import torch, transformers, accelerate; print('torch', torch.__version__
 
 if want 1; then
 echo "== 1. train step vs transformers (bf16; then fp32 without TF32) =="
-timeout 130 $PY benchmarks/train_step.py --device cuda --dtype bf16 --batch_size 64 --warmup 5 --iters 10 --rounds 8 \
+timeout 240 $PY benchmarks/train_step.py --device cuda --dtype bf16 --batch_size 64 --warmup 5 --iters 10 --rounds 6 \
     --json "$RESULTS_DIR/train_step.json" 2>&1 | tee "$RESULTS_DIR/train_step.log" | grep -v Warning
-timeout 90 $PY benchmarks/train_step.py --device cuda --dtype fp32 --batch_size 32 --warmup 3 --iters 5 --rounds 6 \
+timeout 150 $PY benchmarks/train_step.py --device cuda --dtype fp32 --batch_size 32 --warmup 3 --iters 5 --rounds 6 \
     --pairs vit swin --json "$RESULTS_DIR/train_step_fp32.json" 2>&1 | tee "$RESULTS_DIR/train_step_fp32.log" \
     | grep -v Warning
 fi
