@@ -257,10 +257,10 @@ def main() -> None:
     print(f"\n{'model':<20} {'params':>11} {'images/s':>9} {'(per round)':<24} {memory_head}  description")
     for name in names:
         rounds = ", ".join(f"{v:.2f}" for v in per_round[name])
-        cells = [memory[name]["peak_mib"], memory[name]["rss_mib"]] if rss and name in memory else (
-            [memory[name]["peak_mib"]] if name in memory else [])
-        mem = f"{cells[0]:9.0f}" + (f" {cells[1]:8.0f}" if len(cells) > 1 else "") if cells else \
-            f"{'-':>9}" + (f" {'-':>8}" if rss else "")
+        measured = memory.get(name, {})
+        mem = f"{measured['peak_mib']:>9.0f}" if measured else f"{'-':>9}"
+        if rss:
+            mem += f" {measured['rss_mib']:>8.0f}" if measured else f" {'-':>8}"
         print(f"{name:<20} {parameters[name]:>11,} {throughput[name]:>9.2f} ({rounds:<22}) {mem}  {MODELS[name]}")
     print()
     results = {"args": vars(args), "throughput": throughput, "per_round": per_round, "memory": memory,
