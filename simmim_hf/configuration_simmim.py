@@ -94,6 +94,10 @@ class SimMIMConfig(PretrainedConfig):
         patch_norm (`bool`, defaults to `True`): Swin only; LayerNorm after the patch embedding.
         pooling (`str`, *optional*): classification features, `"mean"` of the patch tokens or `"cls"`
             (ViT only). Default `"mean"`.
+        use_fc_norm (`bool`, defaults to `False`): ViT with `pooling="mean"` only; the official fine-tuning
+            layout (`use_mean_pooling=True` there): no final LayerNorm on the tokens, and the pooled features are
+            a LayerNorm (`fc_norm`) of the mean of the un-normalised patch tokens. Pretraining uses the final
+            LayerNorm (`False`); `examples/run_finetune.py` switches it on for ViT classifiers.
         layer_norm_eps (`float`, *optional*): 1e-6 for ViT (official), 1e-5 for Swin.
         initializer_range (`float`, defaults to 0.02).
         encoder_stride (`int`, *optional*): total downsampling of the encoder; derived (ViT: `patch_size`,
@@ -139,6 +143,7 @@ class SimMIMConfig(PretrainedConfig):
         layer_scale_init_value: float = 0.1,
         patch_norm: bool = True,
         pooling: str | None = None,
+        use_fc_norm: bool = False,
         layer_norm_eps: float | None = None,
         initializer_range: float = 0.02,
         encoder_stride: int | None = None,
@@ -184,6 +189,7 @@ class SimMIMConfig(PretrainedConfig):
             )
         self.use_shared_relative_position_bias = use_shared_relative_position_bias
         self.pooling = pooling if pooling is not None else "mean"
+        self.use_fc_norm = use_fc_norm
         self.layer_norm_eps = layer_norm_eps if layer_norm_eps is not None else (1e-6 if is_vit else 1e-5)
 
         if is_vit:
@@ -244,6 +250,8 @@ class SimMIMConfig(PretrainedConfig):
                  (self.hidden_size, self.num_hidden_layers, self.num_attention_heads))
         if self.hidden_size % self.num_attention_heads:
             fail("num_attention_heads", f"must divide hidden_size={self.hidden_size}", self.num_attention_heads)
+        if self.use_fc_norm and self.pooling != "mean":
+            fail("use_fc_norm", "needs pooling='mean' (it normalises the mean of the patch tokens)", self.use_fc_norm)
         if self.use_shared_relative_position_bias and self.use_relative_position_bias:
             fail("use_relative_position_bias",
                  "cannot be combined with use_shared_relative_position_bias=True (choose shared or per-block)",
@@ -258,6 +266,8 @@ class SimMIMConfig(PretrainedConfig):
             fail("window_size", "must be a positive integer", self.window_size)
         if self.pooling == "cls":
             fail("pooling", "must be 'mean' for Swin, which has no CLS token", self.pooling)
+        if self.use_fc_norm:
+            fail("use_fc_norm", "is ViT only (Swin classifies the mean of its normalised tokens)", self.use_fc_norm)
         stride = self.patch_size * 2 ** (len(self.depths) - 1)
         if self.image_size % stride:
             fail("image_size", f"must be divisible by patch_size * 2**(stages-1) = {stride}", self.image_size)

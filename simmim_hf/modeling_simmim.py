@@ -36,6 +36,8 @@ from .configuration_simmim import SimMIMConfig
 # Additive bias that keeps tokens from different regions of a shifted Swin window apart. The official
 # Swin/SimMIM code uses -100 rather than -inf (exp(-100) underflows to 0 in fp32 and bf16 alike).
 SHIFTED_WINDOW_MASK_VALUE = -100.0
+# The official ViT fine-tuning model multiplies its freshly drawn classifier weights by `init_scale`.
+VIT_CLASSIFIER_INIT_SCALE = 1e-3
 
 
 # `save_pretrained` writes only the saved class into config.json's `auto_map`; a Hub checkpoint should load
@@ -52,10 +54,14 @@ AUTO_MAP = {
 @dataclass
 class SimMIMModelOutput(BaseModelOutputWithPooling):
     r"""
-    last_hidden_state (`(B, L, C)`): final token states after the last LayerNorm (ViT: CLS first, then the
-        H/p * W/p patch tokens; Swin: the (H/s) * (W/s) tokens of the last stage).
-    pooler_output (`(B, C)`): mean of the patch tokens, or the CLS token when `config.pooling == "cls"`.
-    feature_map (`(B, C, H/s, W/s)`): the patch tokens as an image-shaped map, the input of the SimMIM head.
+    last_hidden_state (`(B, L, C)`): final token states (ViT: CLS first, then the H/p * W/p patch tokens; Swin:
+        the (H/s) * (W/s) tokens of the last stage) after the final LayerNorm; with `config.use_fc_norm` (the
+        official ViT fine-tuning layout) there is no final LayerNorm and the tokens are the last block's output.
+    pooler_output (`(B, C)`): the image features a classifier reads. ViT `pooling="mean"`: mean of the
+        patch tokens (normalised ones; with `use_fc_norm`, LayerNorm of the mean of the raw ones); ViT
+        `pooling="cls"`: the normalised CLS token; Swin: mean of the normalised tokens (official avgpool).
+    feature_map (`(B, C, H/s, W/s)`): the patch tokens of `last_hidden_state` as an image-shaped map, the input
+        of the SimMIM head.
     hidden_states: ViT: the embeddings and the output of every block (`num_hidden_layers + 1` tensors);
         Swin: the embeddings and the output of every stage before its patch merging (`len(depths) + 1`).
     attentions: per block, `(B, heads, L, L)` for ViT, `(B * windows, heads, w*w, w*w)` for Swin.
@@ -479,6 +485,26 @@ class SimMIMSwinEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- models
+def _scale_unless_loaded(parameter: torch.Tensor, factor: float) -> None:
+    """Multiply a freshly initialised tensor in place; a tensor loaded from a checkpoint is left alone."""
+    if not getattr(parameter, "_is_hf_initialized", False):
+        with torch.no_grad():
+            parameter.mul_(factor)
+
+
+class SimMIMPooler(nn.Module):
+    """LayerNorm over the mean of the patch tokens: the official ViT fine-tuning head's `fc_norm`, used instead
+    of the encoder's final norm (which that model does not have)."""
+
+    def __init__(self, config: SimMIMConfig):
+        super().__init__()
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, C)."""
+        return self.layernorm(patch_tokens.mean(dim=1))
+
+
 class SimMIMPreTrainedModel(PreTrainedModel):
     config_class = SimMIMConfig
     config: SimMIMConfig
@@ -494,15 +520,31 @@ class SimMIMPreTrainedModel(PreTrainedModel):
     # Parameters exempt from weight decay besides biases and other 1-D tensors (norms, LayerScale).
     _no_weight_decay_keywords = ("cls_token", "mask_token", "position_embeddings", "relative_position_bias_table")
 
+    # The official pretraining ViT (`VisionTransformerForSimMIM`) truncates every truncated-normal draw at
+    # +-1 std; every other official model keeps timm's default bounds of +-2 (absolute, so untruncated at std
+    # 0.02). `SimMIMModel(..., truncate_init_at_std=True)` selects the former (ViT only).
+    truncate_init_at_std: bool = False
+
+    def _trunc_normal(self, tensor: torch.Tensor, std: float) -> None:
+        if self.truncate_init_at_std and self.config.encoder_type == "vit":
+            init.trunc_normal_(tensor, std=std, a=-std, b=std)
+        else:
+            init.trunc_normal_(tensor, std=std)
+
     def _init_weights(self, module: nn.Module) -> None:
-        """Initialisation of the official SimMIM code (timm-style truncated normal, std 0.02)."""
+        """Initialisation of the official SimMIM code (timm-style truncated normal, std 0.02).
+
+        Children are initialised before their parents, so a parent's branch below overrides its children's
+        generic init (the ViT patch projection, the residual-branch rescale); `init.*` skips loaded tensors.
+        """
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            init.trunc_normal_(module.weight, std=std)
+            self._trunc_normal(module.weight, std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
-            # PyTorch's default conv init, which the official code keeps for the patch projection and head.
+            # PyTorch's default conv init, which the official code keeps for the Swin patch projection and the
+            # SimMIM head.
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
                 fan_in = module.weight[0].numel()
@@ -511,11 +553,14 @@ class SimMIMPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, (SimMIMViTEmbeddings, SimMIMSwinEmbeddings)):
-            init.trunc_normal_(module.mask_token, std=std)
+            self._trunc_normal(module.mask_token, std)
             if isinstance(module, SimMIMViTEmbeddings):
-                init.trunc_normal_(module.cls_token, std=std)
+                self._trunc_normal(module.cls_token, std)
+                # The official ViT draws its patch projection like a linear layer, with a zero bias.
+                self._trunc_normal(module.projection.weight, std)
+                init.zeros_(module.projection.bias)
             if module.position_embeddings is not None:
-                init.trunc_normal_(module.position_embeddings, std=std)
+                self._trunc_normal(module.position_embeddings, std)
         elif isinstance(module, SimMIMRelativePositionBias):
             # BEiT-style ViT starts its tables at zero, Swin draws them like the other weights.
             if module.with_cls:
@@ -535,12 +580,9 @@ class SimMIMPreTrainedModel(PreTrainedModel):
                 init.constant_(module.lambda_1, self.config.layer_scale_init_value)
                 init.constant_(module.lambda_2, self.config.layer_scale_init_value)
             # Official ViT: shrink the residual-branch outputs of block l (1-based) by 1/sqrt(2l).
-            # Children are initialised before their parent, so this overrides their plain init.
             for linear in (module.attention.proj, module.mlp.fc2):
-                init.trunc_normal_(linear.weight, std=std)
-                if not getattr(linear.weight, "_is_hf_initialized", False):
-                    with torch.no_grad():
-                        linear.weight.div_(math.sqrt(2.0 * (module.layer_index + 1)))
+                self._trunc_normal(linear.weight, std)
+                _scale_unless_loaded(linear.weight, 1.0 / math.sqrt(2.0 * (module.layer_index + 1)))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Entries already present (e.g. "repo--module.Class" references of a model loaded from the Hub) win.
@@ -567,20 +609,29 @@ class SimMIMPreTrainedModel(PreTrainedModel):
 
 
 class SimMIMModel(SimMIMPreTrainedModel):
-    """The SimMIM encoder (ViT or Swin per `config.encoder_type`) with its final LayerNorm."""
+    """The SimMIM encoder (ViT or Swin per `config.encoder_type`), its final LayerNorm and pooled features.
 
-    # Loading the encoder (or a classifier) from a pretraining checkpoint drops its head on purpose.
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+    With `config.use_fc_norm` (ViT fine-tuning, as the official model) the final LayerNorm is replaced by one on
+    the mean-pooled patch tokens (`pooler.layernorm`). `truncate_init_at_std=True` initialises as the official
+    pretraining ViT (truncated normal cut at +-1 std); `SimMIMForMaskedImageModeling` sets it.
+    """
 
-    def __init__(self, config: SimMIMConfig):
+    # Loading the encoder (or a classifier) from a pretraining checkpoint drops its head on purpose, and so does
+    # an `fc_norm` ViT with the pretrained final norm, which the official fine-tuning model does not have.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^(simmim\.)?layernorm\."]
+
+    def __init__(self, config: SimMIMConfig, truncate_init_at_std: bool = False):
         super().__init__(config)
+        self.truncate_init_at_std = truncate_init_at_std
         if config.encoder_type == "vit":
             self.embeddings = SimMIMViTEmbeddings(config)
             self.encoder = SimMIMViTEncoder(config)
         else:
             self.embeddings = SimMIMSwinEmbeddings(config)
             self.encoder = SimMIMSwinEncoder(config)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        use_fc_norm = config.encoder_type == "vit" and config.use_fc_norm
+        self.layernorm = None if use_fc_norm else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pooler = SimMIMPooler(config) if use_fc_norm else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -671,14 +722,17 @@ class SimMIMModel(SimMIMPreTrainedModel):
             hidden_states, all_hidden, all_attentions = self.encoder(
                 hidden_states, output_hidden_states, output_attentions
             )
-            sequence = self.layernorm(hidden_states)
-            patches = sequence[:, 1:]
-            pooled = patches.mean(dim=1) if self.config.pooling == "mean" else sequence[:, 0]
         else:
             hidden_states, grid, all_hidden, all_attentions = self.encoder(
                 hidden_states, grid, output_hidden_states, output_attentions
             )
-            sequence = patches = self.layernorm(hidden_states)
+        sequence = self.layernorm(hidden_states) if self.layernorm is not None else hidden_states
+        patches = sequence[:, 1:] if self.config.encoder_type == "vit" else sequence
+        if self.pooler is not None:
+            pooled = self.pooler(patches)
+        elif self.config.encoder_type == "vit" and self.config.pooling == "cls":
+            pooled = sequence[:, 0]
+        else:
             pooled = patches.mean(dim=1)
         feature_map = patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid)
 
@@ -708,7 +762,8 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
 
     def __init__(self, config: SimMIMConfig):
         super().__init__(config)
-        self.simmim = SimMIMModel(config)
+        # The official pretraining ViT draws its init from a normal truncated at +-1 std.
+        self.simmim = SimMIMModel(config, truncate_init_at_std=True)
         self.decoder = nn.Sequential(
             nn.Conv2d(config.hidden_size, config.encoder_stride**2 * config.num_channels, kernel_size=1),
             nn.PixelShuffle(config.encoder_stride),
@@ -746,17 +801,25 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
 
 
 class SimMIMForImageClassification(SimMIMPreTrainedModel):
-    """Encoder, pooled features (mean of patch tokens or CLS), LayerNorm, linear classifier."""
+    """Encoder and a linear classifier on its pooled features (`SimMIMModel.pooler_output`). The official
+    fine-tuning models: ViT with `use_fc_norm=True`: LayerNorm(mean of the patch tokens) -> linear, classifier
+    init scaled by 1e-3; Swin: final LayerNorm -> mean -> linear."""
 
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^simmim\.layernorm\."]
 
     def __init__(self, config: SimMIMConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.simmim = SimMIMModel(config)
-        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self.classifier and isinstance(module, nn.Linear) and self.config.encoder_type == "vit":
+            # The official ViT classifier starts near zero (trunc-normal 0.02 x init_scale 0.001) so that the
+            # first updates do not push large, random gradients into the pretrained encoder; Swin keeps 0.02.
+            _scale_unless_loaded(module.weight, VIT_CLASSIFIER_INIT_SCALE)
 
     @can_return_tuple
     def forward(
@@ -775,7 +838,7 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
             pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             return_dict=True,
         )
-        logits = self.classifier(self.fc_norm(outputs.pooler_output))
+        logits = self.classifier(outputs.pooler_output)
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
@@ -787,6 +850,7 @@ __all__ = [
     "SimMIMForMaskedImageModeling",
     "SimMIMModel",
     "SimMIMModelOutput",
+    "SimMIMPooler",
     "SimMIMPreTrainedModel",
     "masked_l1_loss",
 ]

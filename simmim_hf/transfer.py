@@ -279,7 +279,9 @@ def load_pretrained_for_transfer(
     state_dict = pretrained if isinstance(pretrained, dict) else load_checkpoint_state_dict(pretrained, **hub_kwargs)
     new_state_dict, report = transfer_state_dict(state_dict, model)
     prefix = getattr(model, "base_model_prefix", "") + "."
-    missing_encoder = [k for k in report.missing if k.startswith(prefix) and "mask_token" not in k]
+    # The mask token is pretraining-only and the pooling layer (a ViT classifier's `fc_norm`) is part of the head.
+    missing_encoder = [k for k in report.missing
+                       if k.startswith(prefix) and "mask_token" not in k and not k.startswith(prefix + "pooler.")]
     if strict and (report.mismatched or missing_encoder):
         raise ValueError("Checkpoint does not map onto the model:\n" + report.summary())
     model.load_state_dict(new_state_dict, strict=False)

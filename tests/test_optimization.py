@@ -12,7 +12,8 @@ from simmim_hf.optimization import LayerDecayLRScheduler, build_optimizer, build
 @pytest.fixture(scope="module")
 def vit():
     return SimMIMForImageClassification(SimMIMConfig.from_preset(
-        "vit-nano-p4-32", num_labels=10, use_relative_position_bias=True, use_absolute_position_embeddings=True))
+        "vit-nano-p4-32", num_labels=10, use_relative_position_bias=True, use_absolute_position_embeddings=True,
+        use_fc_norm=True))
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,7 @@ def test_vit_layer_scales_hand_computed(vit):
         "simmim.encoder.layers.0.attention.relative_position_bias.relative_position_bias_table": 0.4225,
         "simmim.encoder.layers.1.mlp.fc2.weight": 0.65,
         "simmim.encoder.layers.1.lambda_2": 0.65,
-        "simmim.layernorm.weight": 1.0,
-        "fc_norm.bias": 1.0,
+        "simmim.pooler.layernorm.bias": 1.0,  # the official fc_norm trains at the head's lr
         "classifier.weight": 1.0,
     }
     for name, value in expected.items():
@@ -87,7 +87,7 @@ def test_weight_decay_rules(vit, swin):
     for name in ("simmim.embeddings.cls_token", "simmim.embeddings.mask_token", "simmim.embeddings.position_embeddings",
                  "simmim.encoder.layers.0.attention.relative_position_bias.relative_position_bias_table",
                  "simmim.encoder.layers.0.lambda_1", "simmim.encoder.layers.0.attention.q_bias",
-                 "simmim.encoder.layers.0.layernorm_before.weight", "classifier.bias", "fc_norm.weight"):
+                 "simmim.encoder.layers.0.layernorm_before.weight", "classifier.bias", "simmim.pooler.layernorm.weight"):
         assert d[name] == 0.0, name
     d = decay_of(build_param_groups(swin, 0.05))
     assert d["simmim.encoder.stages.0.downsample.reduction.weight"] == 0.05
@@ -98,8 +98,7 @@ def test_frozen_parameters_are_left_out(vit):
     vit.simmim.requires_grad_(False)
     try:
         groups = build_param_groups(vit, 0.05, layer_decay=0.65)
-        assert sorted(n for g in groups for n in g["param_names"]) == sorted(
-            ["fc_norm.weight", "fc_norm.bias", "classifier.weight", "classifier.bias"])
+        assert sorted(n for g in groups for n in g["param_names"]) == ["classifier.bias", "classifier.weight"]
     finally:
         vit.simmim.requires_grad_(True)
 

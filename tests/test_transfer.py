@@ -40,7 +40,7 @@ def test_swin_32_w4_into_48_w6(swin_src):
         SimMIMConfig.from_preset("swin-nano-w4-32", image_size=48, window_size=6, num_labels=3)).eval()
     report = load_pretrained_for_transfer(model, swin_src.state_dict(), strict=True)
     assert len(report.interpolated) == 6 and not report.mismatched  # every block's table: 7x7 -> 11x11
-    assert sorted(report.missing) == ["classifier.bias", "classifier.weight", "fc_norm.bias", "fc_norm.weight"]
+    assert sorted(report.missing) == ["classifier.bias", "classifier.weight"]
     assert sorted(report.unexpected) == ["decoder.0.bias", "decoder.0.weight"]
     name = f"simmim.encoder.stages.1.blocks.0.attention.{TABLE}"
     src_table = swin_src.state_dict()[name]
@@ -130,3 +130,15 @@ def test_unmappable_tensors_are_reported_by_name(vit_src):
     _, report = transfer_state_dict(per_block.state_dict(), shared_model)
     assert f"encoder.{TABLE}" in report.missing
     assert f"encoder.layers.0.attention.{TABLE}" in report.unexpected
+
+
+def test_official_vit_fine_tuning_layout_drops_the_final_norm_under_strict(vit_src):
+    """`use_fc_norm` (official ViT fine-tuning): the pretrained final norm has no place and is reported as
+    unexpected, the fresh `pooler.layernorm` is a head tensor, so strict loading still succeeds."""
+    model = SimMIMForImageClassification(SimMIMConfig.from_preset("vit-nano-p4-32", num_labels=2, use_fc_norm=True))
+    report = load_pretrained_for_transfer(model, vit_src.state_dict(), strict=True)
+    assert sorted(report.missing) == ["classifier.bias", "classifier.weight", "simmim.pooler.layernorm.bias",
+                                      "simmim.pooler.layernorm.weight"]
+    assert {"simmim.layernorm.weight", "simmim.layernorm.bias"} <= set(report.unexpected)
+    torch.testing.assert_close(model.simmim.encoder.layers[1].mlp.fc2.weight,
+                               vit_src.simmim.encoder.layers[1].mlp.fc2.weight)
