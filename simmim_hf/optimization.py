@@ -164,19 +164,22 @@ def build_optimizer(
 
 
 class LayerDecayLRScheduler(LRScheduler):
-    """Per-step warmup + cosine / linear / multistep / constant schedule that honours ``lr_scale``.
+    """Per-step warmup + cosine / linear / multistep / constant schedule that honours ``lr_scale``, shaped as
+    the official SimMIM schedules (timm's schedulers as the official code configures them).
 
-    Every group's lr is ``lr_at(step) * group["lr_scale"]`` (missing ``lr_scale`` = 1), where
-    ``lr_at`` is the base schedule: a linear warmup from `warmup_lr` to `base_lr` over
-    `num_warmup_steps`, then
+    A group with ``lr_scale`` s (missing = 1) peaks at ``base_lr * s``. Over the first `num_warmup_steps` its lr
+    rises linearly from `warmup_lr` to that peak; then
 
-    * ``"cosine"``: cosine from `base_lr` to `min_lr` over the remaining steps;
-    * ``"linear"``: linear from `base_lr` to `min_lr`;
-    * ``"multistep"``: ``base_lr * gamma ** (number of milestones <= step)``;
-    * ``"constant"``: `base_lr`.
+    * ``"cosine"``: ``min_lr + (peak - min_lr) * (1 + cos(pi * step / num_training_steps)) / 2``. As timm's
+      ``CosineLRScheduler`` without ``warmup_prefix`` the cosine spans *all* steps, warmup included, so it is
+      already past its top when the warmup ends (at 20 of 100 epochs: 0.905 x peak);
+    * ``"linear"``: from the peak down to `min_lr` over the steps after the warmup;
+    * ``"multistep"``: ``peak * gamma ** (number of milestones <= step)``;
+    * ``"constant"``: the peak.
 
-    `base_lr` defaults to the optimizer's `lr`. The group's own initial ``lr`` is ignored, so the scale is
-    applied once even to groups built like the official code (``lr = base_lr * scale``).
+    `warmup_lr` and `min_lr` are absolute and the same for every group (as timm's ``warmup_lr_init`` / ``lr_min``),
+    not multiplied by ``lr_scale``. `base_lr` defaults to the optimizer's `lr`. The group's own initial ``lr`` is
+    ignored, so the scale is applied once even to groups built like the official code (``lr = base_lr * scale``).
     Call `step()` once per optimizer update (the official schedules count updates, not epochs).
     """
 
@@ -217,23 +220,24 @@ class LayerDecayLRScheduler(LRScheduler):
         self.gamma = float(gamma)
         super().__init__(optimizer, last_epoch)
 
-    def lr_at(self, step: int) -> float:
-        """The base schedule (lr of a group with ``lr_scale == 1``) after `step` optimizer updates."""
+    def lr_at(self, step: int, lr_scale: float = 1.0) -> float:
+        """The lr of a group with `lr_scale` after `step` optimizer updates."""
+        peak = self.base_lr * lr_scale
         if step < self.num_warmup_steps:
-            return self.warmup_lr + (self.base_lr - self.warmup_lr) * step / self.num_warmup_steps
+            return self.warmup_lr + (peak - self.warmup_lr) * step / self.num_warmup_steps
         if self.schedule == "constant":
-            return self.base_lr
+            return peak
         if self.schedule == "multistep":
-            return self.base_lr * self.gamma ** bisect_right(self.milestones, step)
-        span = max(1, self.num_training_steps - self.num_warmup_steps)
-        progress = min(1.0, (step - self.num_warmup_steps) / span)
+            return peak * self.gamma ** bisect_right(self.milestones, step)
         if self.schedule == "linear":
-            return self.base_lr + (self.min_lr - self.base_lr) * progress
-        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+            span = max(1, self.num_training_steps - self.num_warmup_steps)
+            progress = min(1.0, (step - self.num_warmup_steps) / span)
+            return peak + (self.min_lr - peak) * progress
+        progress = min(1.0, step / self.num_training_steps)
+        return self.min_lr + 0.5 * (peak - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
     def get_lr(self) -> list[float]:
-        lr = self.lr_at(self.last_epoch)
-        return [lr * group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
+        return [self.lr_at(self.last_epoch, group.get("lr_scale", 1.0)) for group in self.optimizer.param_groups]
 
 
 __all__ = [

@@ -106,7 +106,7 @@ def test_frozen_parameters_are_left_out(vit):
 def test_effective_lr_is_base_times_scale_not_squared(vit):
     base_lr, decay = 1e-3, 0.65
     optimizer = build_optimizer(vit, lr=base_lr, weight_decay=0.05, layer_decay=decay)
-    scheduler = LayerDecayLRScheduler(optimizer, num_training_steps=100, num_warmup_steps=10, schedule="cosine")
+    scheduler = LayerDecayLRScheduler(optimizer, num_training_steps=100, num_warmup_steps=10, schedule="constant")
     for _ in range(10):  # to the end of the warmup: the schedule is at its peak, the base lr
         optimizer.step()
         scheduler.step()
@@ -128,17 +128,20 @@ def test_effective_lr_is_base_times_scale_not_squared(vit):
 
 
 def test_schedule_values_hand_computed():
+    """timm's CosineLRScheduler as the official code sets it up: the cosine spans all steps (no warmup prefix),
+    and the warmup start and the floor are absolute for every group (not multiplied by lr_scale)."""
     param = torch.nn.Parameter(torch.zeros(2, 2))
     optimizer = torch.optim.AdamW([{"params": [param], "lr_scale": 0.5}], lr=1.0)
-    scheduler = LayerDecayLRScheduler(optimizer, num_training_steps=10, num_warmup_steps=2, warmup_lr=0.0, min_lr=0.1)
+    scheduler = LayerDecayLRScheduler(optimizer, num_training_steps=10, num_warmup_steps=2, warmup_lr=0.02, min_lr=0.1)
     lrs = []
     for _ in range(11):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    # warmup 0 -> 1 over 2 steps, then cosine 1 -> 0.1 over 8 steps; all times lr_scale 0.5.
-    expected = [0.0, 0.25] + [0.5 * (0.1 + 0.45 * (1 + math.cos(math.pi * t / 8))) for t in range(9)]
+    # peak 0.5 (= 1.0 x lr_scale); warmup 0.02 -> 0.5 over 2 steps; then 0.1 + 0.2 (1 + cos(pi t / 10)), t = 2..10.
+    expected = [0.02, 0.26] + [0.1 + 0.5 * (0.5 - 0.1) * (1 + math.cos(math.pi * t / 10)) for t in range(2, 11)]
     assert lrs == pytest.approx(expected, abs=1e-12)
+    assert lrs[-1] == pytest.approx(0.1)  # the floor is min_lr itself, not min_lr x 0.5
     state = scheduler.state_dict()  # resume: a fresh scheduler restored from the state continues the curve
     optimizer2 = torch.optim.AdamW([{"params": [param], "lr_scale": 0.5}], lr=1.0)
     scheduler2 = LayerDecayLRScheduler(optimizer2, num_training_steps=10, num_warmup_steps=2, min_lr=0.1)
@@ -148,6 +151,8 @@ def test_schedule_values_hand_computed():
     optimizer = torch.optim.SGD([param], lr=1.0)
     scheduler = LayerDecayLRScheduler(optimizer, 10, 1, schedule="multistep", milestones=[4, 7], gamma=0.1)
     assert [scheduler.lr_at(t) for t in (0, 1, 3, 4, 6, 7, 9)] == pytest.approx([0, 1, 1, 0.1, 0.1, 0.01, 0.01])
+    scheduler = LayerDecayLRScheduler(optimizer, 10, 2, schedule="linear", min_lr=0.2)
+    assert [scheduler.lr_at(t, 0.5) for t in (1, 2, 6, 10)] == pytest.approx([0.25, 0.5, 0.35, 0.2])
 
 
 def test_errors_name_the_argument(vit):
