@@ -169,6 +169,11 @@ def knn_evaluate(
     temperature: float = 0.07,
 ) -> dict[str, float]:
     """Top-1 (and top-5 when there are >= 5 classes) accuracy of `knn_predict` on the test features."""
+    if test_features.shape[0] != test_labels.shape[0]:
+        raise ValueError(
+            f"`test_features` ({test_features.shape[0]} rows) and `test_labels` ({test_labels.shape[0]}) "
+            "must have the same length."
+        )
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     scores = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature)
