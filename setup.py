@@ -26,6 +26,7 @@ setup(
         "safetensors>=0.4",
         "pillow>=10",
         "numpy>=1.24",
+        "kornia>=0.7",
     ],
     extras_require={"examples": EXAMPLES, "dev": DEV},
     classifiers=[

@@ -1,9 +1,13 @@
 #!/usr/bin/env python
 """Fine-tune (or linearly probe) a SimMIM encoder for image classification with 🤗 Accelerate.
 
-The paper's fine-tuning recipe is the default: AdamW, layer-wise lr decay (ViT 0.65, Swin 0.9), linear lr
-scaling with the batch size (1.25e-3 per 512 images), warmup + cosine, drop path 0.1, label smoothing 0.1,
-optional mixup / cutmix, weight decay 0.05 on matrices only. Each epoch the model is evaluated with
+The official SimMIM fine-tuning recipe is the default: AdamW, layer-wise lr decay (ViT 0.65, Swin 0.9),
+linear lr scaling with the batch size (1.25e-3 per 512 images), warmup + cosine (timm's, over all steps), drop
+path 0.1, weight decay 0.05 on matrices only; augmentation: bicubic RandomResizedCrop + flip (per image, in
+the processor), then RandAugment `rand-m9-mstd0.5-inc1` and random erasing (p 0.25, pixel mode) batched on
+the training device (`simmim_hf.augmentation`), mixup 0.8 / cutmix 1.0 with label smoothing 0.1. At 32 px and
+below the crop is the official padded random crop (4 px) instead. ViT classifies `fc_norm(mean of the patch
+tokens)` without the final norm (`--pooling fc_norm`), as the official model. Each epoch the model is evaluated with
 `evaluate` (accuracy, and top-5 accuracy when there are at least 5 classes); the best and the last model are
 saved with `save_pretrained` (plus the image processor and a model card), and full training state is
 checkpointed atomically so `--resume_from_checkpoint latest` continues a killed run exactly.
@@ -52,9 +56,11 @@ from accelerate.utils import set_seed  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
+from transformers.image_utils import PILImageResampling  # noqa: E402
 
 from simmim_hf import SimMIMConfig, SimMIMForImageClassification  # noqa: E402
 from simmim_hf.configuration_simmim import PRESETS  # noqa: E402
+from simmim_hf.augmentation import FinetuneAugmentation, parse_rand_augment  # noqa: E402
 from simmim_hf.data import SimMIMTransform, simmim_collate_fn  # noqa: E402
 from simmim_hf.evaluation import LinearProbe  # noqa: E402
 from simmim_hf.image_processing_simmim import SimMIMImageProcessor  # noqa: E402
@@ -97,6 +103,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max_eval_samples", type=int, default=None, help="Truncate the eval set (debugging).")
     g.add_argument("--crop_scale_min", type=float, default=0.08,
                    help="RandomResizedCrop minimum area fraction (0.08 as in the paper's fine-tuning).")
+    g.add_argument("--rand_augment", type=str, default="rand-m9-mstd0.5-inc1",
+                   help="timm-style RandAugment policy ('none' disables).")
+    g.add_argument("--random_erasing", type=float, default=0.25, help="Random erasing probability (0 disables).")
+    g.add_argument("--random_erasing_mode", choices=["pixel", "const"], default="pixel",
+                   help="Fill erased boxes with per-pixel normal noise (timm 'pixel') or zeros.")
+    g.add_argument("--padded_crop", type=int, default=None,
+                   help="Random crop with this zero padding instead of RandomResizedCrop (default: 4 at <= 32 px, "
+                        "as the official code; else off).")
     g.add_argument("--flip_prob", type=float, default=0.5, help="Horizontal flip probability (0 for digits/text).")
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     g.add_argument("--cache_dir", type=str, default=None, help="Cache folder for datasets and models.")
@@ -112,6 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--window_size", type=int, default=None, help="Swin window at fine-tuning (e.g. 7 for 224 px).")
     g.add_argument("--vit_relative_position_bias", choices=["per_block", "keep"], default="per_block",
                    help="ViT pretrained with a shared relative bias: fine-tune per-block copies (paper) or keep it.")
+    g.add_argument("--pooling", choices=["fc_norm", "mean", "cls", "checkpoint"], default="fc_norm",
+                   help="ViT classification features: fc_norm = LayerNorm(mean of the patch tokens) without the final "
+                        "norm (official); mean = mean of the final-normed tokens; cls; checkpoint = as saved. Swin "
+                        "always averages its final-normed tokens; --linear_probe keeps the checkpoint's.")
     g.add_argument("--drop_path_rate", type=float, default=0.1, help="Stochastic depth (0.1 in the paper).")
     g.add_argument("--linear_probe", action="store_true",
                    help="Freeze the encoder; train a BatchNorm-free linear head on pooled features of --probe_layer.")
@@ -140,8 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--warmup_epochs", type=float, default=20, help="Linear warmup in epochs.")
     g.add_argument("--max_grad_norm", type=float, default=5.0, help="Gradient clipping (0 disables).")
     g.add_argument("--label_smoothing", type=float, default=None, help="Default 0.1 (fine-tuning), 0 (linear probe).")
-    g.add_argument("--mixup", type=float, default=0.0, help="Mixup Beta alpha (0.8 in the paper's recipe; 0 = off).")
-    g.add_argument("--cutmix", type=float, default=0.0, help="CutMix Beta alpha (1.0 in the paper's recipe; 0 = off).")
+    g.add_argument("--mixup", type=float, default=None, help="Mixup Beta alpha (default 0.8, the official recipe; 0 = off).")
+    g.add_argument("--cutmix", type=float, default=None, help="CutMix Beta alpha (default 1.0, the official recipe; 0 = off).")
     g.add_argument("--mixup_switch_prob", type=float, default=0.5, help="With both on: probability of CutMix.")
     g.add_argument("--seed", type=int, default=42, help="Seed of the head init, shuffling, augmentation.")
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
@@ -153,6 +171,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep at most this many resume checkpoints.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
     g.add_argument("--logging_steps", type=int, default=20, help="Log the training loss every N optimizer steps.")
+    g.add_argument("--eval_every_epochs", type=int, default=1,
+                   help="Evaluate, save the last/best model and checkpoint every N epochs (and after the last).")
     g.add_argument("--report_to", type=str, default=None, help="Accelerate tracker (tensorboard, wandb, ...).")
 
     g = p.add_argument_group("Hub")
@@ -178,10 +198,26 @@ def _validate_args(parser, args) -> None:
         fail(f"--train_label_fraction must lie in (0, 1]; got {args.train_label_fraction}.")
     if not 0.0 < args.validation_split_percentage < 100.0:
         fail(f"--validation_split_percentage must lie in (0, 100); got {args.validation_split_percentage}.")
-    if args.mixup < 0 or args.cutmix < 0:
-        fail(f"--mixup / --cutmix are Beta alphas >= 0; got {args.mixup} / {args.cutmix}.")
     if args.linear_probe and (args.mixup or args.cutmix):
         fail("--linear_probe trains on clean features; --mixup/--cutmix are not supported with it.")
+    # The official recipe's regularisation is for fine-tuning; a linear probe trains on crop + flip only.
+    for name, default in (("mixup", 0.8), ("cutmix", 1.0)):
+        if getattr(args, name) is None:
+            setattr(args, name, 0.0 if args.linear_probe else default)
+    if args.linear_probe:
+        args.rand_augment, args.random_erasing = "none", 0.0
+    if args.mixup < 0 or args.cutmix < 0:
+        fail(f"--mixup / --cutmix are Beta alphas >= 0; got {args.mixup} / {args.cutmix}.")
+    if not 0.0 <= args.random_erasing <= 1.0:
+        fail(f"--random_erasing is a probability in [0, 1]; got {args.random_erasing}.")
+    if args.padded_crop is not None and args.padded_crop < 0:
+        fail(f"--padded_crop is a padding in pixels >= 0; got {args.padded_crop}.")
+    if args.eval_every_epochs < 1:
+        fail(f"--eval_every_epochs must be >= 1; got {args.eval_every_epochs}.")
+    try:
+        parse_rand_augment(args.rand_augment)
+    except ValueError as err:
+        fail(f"--rand_augment: {err}")
     if args.lr_scheduler_type == "multistep" and not args.lr_milestones:
         fail("--lr_scheduler_type multistep needs --lr_milestones (epochs), e.g. --lr_milestones 30,60.")
     if args.label_smoothing is None:
@@ -286,6 +322,8 @@ def build_model(args, num_labels: int, label_names: list[str]):
         overrides["image_size"] = args.image_size
     if args.window_size is not None:
         overrides["window_size"] = args.window_size
+    if config.encoder_type == "vit" and not args.linear_probe and args.pooling != "checkpoint":
+        overrides.update(pooling="cls" if args.pooling == "cls" else "mean", use_fc_norm=args.pooling == "fc_norm")
     if (config.encoder_type == "vit" and config.use_shared_relative_position_bias and not args.linear_probe
             and args.vit_relative_position_bias == "per_block"):
         # The paper fine-tunes ViT with one relative bias table per block, each initialised from the shared one.
@@ -418,8 +456,18 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
     num_classes = len(label_names)
 
     model, config, report = build_model(args, num_classes, label_names)
-    processor = SimMIMImageProcessor.from_config(config, crop_scale=(args.crop_scale_min, 1.0),
-                                                 flip_prob=args.flip_prob, do_train=False)
+    # The official code replaces RandomResizedCrop with a 4-px padded random crop at 32 px and below (CIFAR style),
+    # and evaluates such images without the resize / center crop.
+    small = config.image_size <= 32
+    padded_crop = args.padded_crop if args.padded_crop is not None else (4 if small and not args.linear_probe else 0)
+    crop = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0)) if padded_crop else \
+        dict(crop_scale=(args.crop_scale_min, 1.0))
+    processor = SimMIMImageProcessor.from_config(config, **crop, flip_prob=args.flip_prob, do_train=False,
+                                                 resample=PILImageResampling.BICUBIC,
+                                                 **(dict(crop_pct=1.0) if small else {}))
+    augment = FinetuneAugmentation.from_image_processor(
+        processor, rand_augment=args.rand_augment, random_erasing_prob=args.random_erasing,
+        random_erasing_mode=args.random_erasing_mode, padded_crop=padded_crop)
     # Per-sample seeds: a sample's crop / flip depends only on (seed, epoch, index), so resuming mid-run
     # and any number of workers or processes reproduce the same stream.
     train_ds = train_ds.add_column("index", list(range(len(train_ds))))
@@ -454,6 +502,7 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
     )
     model, optimizer, train_loader, eval_loader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, lr_scheduler)
+    augment = augment.to(accelerator.device)
 
     manager = CheckpointManager(accelerator, output_dir, total_limit=args.checkpoints_total_limit)
     start_epoch, best, history = 0, {"accuracy": -1.0, "epoch": None}, []
@@ -487,7 +536,7 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
         mix_rng = np.random.default_rng([args.seed, accelerator.process_index, epoch])
         for batch in train_loader:
             with accelerator.accumulate(model):
-                pixel_values, labels = batch["pixel_values"], batch["labels"]
+                pixel_values, labels = augment(batch["pixel_values"]), batch["labels"]
                 if use_mix:
                     pixel_values, targets = mix_batch(pixel_values, labels, num_classes, args, mix_rng)
                 logits = model(pixel_values=pixel_values).logits.float()
@@ -520,6 +569,8 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
                            "--resume_from_checkpoint latest (restarts this epoch from its beginning).")
             break
 
+        if (epoch + 1) % args.eval_every_epochs and epoch + 1 < args.num_train_epochs:
+            continue  # evaluation, saving and the resume checkpoint happen together, every N epochs
         results = evaluate_model(model, eval_loader, accelerator, num_classes)
         results["epoch"] = epoch
         history.append(results)

@@ -185,8 +185,55 @@ def knn_evaluate(
     return result
 
 
+def linear_probe_evaluate(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int | None = None,
+    steps: int = 500,
+    lr: float = 0.01,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Accuracy of a linear classifier trained on frozen features (full-batch AdamW, cross-entropy).
+
+    Features are standardised per example (a LayerNorm without parameters, as `LinearProbe`), so one
+    learning rate suits every encoder; the probe is the same for every arm of a comparison.
+    """
+    if train_features.shape[0] != train_labels.shape[0] or test_features.shape[0] != test_labels.shape[0]:
+        raise ValueError(
+            f"Features and labels must have the same length; got train {train_features.shape[0]} vs "
+            f"{train_labels.shape[0]}, test {test_features.shape[0]} vs {test_labels.shape[0]}."
+        )
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    generator = torch.Generator().manual_seed(seed)
+
+    def standardise(x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), x.shape[-1:], eps=1e-6)
+
+    train, test = standardise(train_features), standardise(test_features)
+    head = nn.Linear(train.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
+        head.bias.zero_()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    labels = train_labels.long()
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.cross_entropy(head(train), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        predictions = head(test).argmax(dim=1)
+    return {"accuracy": (predictions == test_labels.long()).float().mean().item(), "train_loss": loss.item()}
+
+
 __all__ = [
     "LinearProbe",
+    "linear_probe_evaluate",
     "encoder_features",
     "extract_features",
     "knn_evaluate",

@@ -414,3 +414,25 @@ def test_linear_probe_runs_on_every_layer(make_config):
         # The head is sized for the chosen layer's width (Swin's stages differ).
         assert probe.head.in_features == features.shape[1], layer
         assert logits.shape == (2, 4)
+
+
+# ------------------------------------------------------------------------------------------- linear probe on features
+
+
+def test_linear_probe_evaluate_separates_linear_classes_and_not_shuffled_ones():
+    from simmim_hf.evaluation import linear_probe_evaluate
+
+    g = torch.Generator().manual_seed(3)
+    directions = torch.randn(4, 16, generator=g)
+    labels = torch.arange(400) % 4
+    features = directions[labels] * 3 + torch.randn(400, 16, generator=g)
+    good = linear_probe_evaluate(features[:200], labels[:200], features[200:], labels[200:], steps=200, lr=0.05)
+    assert good["accuracy"] > 0.95
+    shuffled = labels[:200][torch.randperm(200, generator=g)]
+    bad = linear_probe_evaluate(features[:200], shuffled, features[200:], labels[200:], steps=200, lr=0.05)
+    assert bad["accuracy"] < 0.5
+    # Deterministic for a seed.
+    again = linear_probe_evaluate(features[:200], labels[:200], features[200:], labels[200:], steps=200, lr=0.05)
+    assert again == good
+    with pytest.raises(ValueError, match="same length"):
+        linear_probe_evaluate(features[:10], labels[:9], features[:5], labels[:5])

@@ -123,3 +123,42 @@ def test_mixup_cutmix_targets(run_finetune):
     mixed, targets = run_finetune.mix_batch(x, labels, 5, Args, np.random.default_rng(1))
     lam = 1.0 - mixed[2, 0, 0, 0].item()  # image 2 (zeros) mixed with image 1 (ones) at weight 1 - lam
     assert targets[2, 2].item() == pytest.approx(lam * on + (1 - lam) * off, abs=1e-6)
+
+
+def test_official_recipe_is_the_default(run_finetune, pretrained_dirs, tmp_path, monkeypatch):
+    """Without flags: RandAugment, random erasing, mixup/cutmix, label smoothing, the padded crop at 32 px, the
+    bicubic crop, and the official ViT fine-tuning layout (fc_norm, no final norm); a linear probe trains clean."""
+    args = run_finetune.parse_args(["--preset", "vit-nano-p4-32", "--output_dir", str(tmp_path / "x")])
+    assert (args.mixup, args.cutmix, args.label_smoothing) == (0.8, 1.0, 0.1)
+    assert (args.rand_augment, args.random_erasing, args.random_erasing_mode) == ("rand-m9-mstd0.5-inc1", 0.25, "pixel")
+    probe = run_finetune.parse_args(["--preset", "vit-nano-p4-32", "--output_dir", str(tmp_path / "x"), "--linear_probe"])
+    assert (probe.mixup, probe.cutmix, probe.label_smoothing, probe.rand_augment, probe.random_erasing) == \
+        (0.0, 0.0, 0.0, "none", 0.0)
+
+    seen = []
+    original = run_finetune.FinetuneAugmentation.forward
+
+    def spy(self, pixel_values):
+        out = original(self, pixel_values)
+        seen.append((self.training, self.padded_crop, self.config, self.random_erasing_prob,
+                     bool((out != pixel_values).any())))
+        return out
+
+    monkeypatch.setattr(run_finetune.FinetuneAugmentation, "forward", spy)
+    results, model = run_finetune.run(["--model_name_or_path", str(pretrained_dirs["vit-nano-p4-32"]),
+                                       "--output_dir", str(tmp_path / "ft"), *TINY])
+    assert len(seen) == 2 * 3  # every training batch: 48 samples / 16, 2 epochs
+    training, padded_crop, rand_augment, erasing, changed = seen[0]
+    assert training and padded_crop == 4 and rand_augment is not None and erasing == 0.25
+    assert all(s[-1] for s in seen)  # the batches really were augmented
+    assert model.config.use_fc_norm and model.simmim.layernorm is None and model.simmim.pooler is not None
+    saved = json.loads((tmp_path / "ft" / "best" / "preprocessor_config.json").read_text())
+    assert saved["resample"] == 3 and saved["crop_pct"] == 1.0  # bicubic; no eval resize at 32 px
+
+
+def test_eval_every_epochs_evaluates_and_checkpoints_together(run_finetune, tmp_path):
+    results, _ = run_finetune.run(["--preset", "vit-nano-p4-32", "--output_dir", str(tmp_path / "e"),
+                                   *TINY[:1], "3", *TINY[2:], "--eval_every_epochs", "2"])
+    assert [r["epoch"] for r in results["history"]] == [1, 2]  # every 2nd epoch and the last
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "e" / "checkpoints").glob("checkpoint-*"))
+    assert steps == [6, 9]
