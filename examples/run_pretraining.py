@@ -154,7 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("checkpoints, logging, output")
     g.add_argument("--output_dir", type=str, required=True, help="Where the model, checkpoints and logs go.")
     g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="Allow a non-empty --output_dir that holds no checkpoint to resume from.")
+                   help="Start over in a non-empty --output_dir: its earlier checkpoints are deleted first.")
     g.add_argument("--checkpointing_steps", type=int, default=None,
                    help="Save a resumable checkpoint every N optimizer steps (and always at the end).")
     g.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep at most this many checkpoints.")
@@ -195,6 +195,9 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
     if args.dataset_name and args.train_dir:
         fail("--dataset_name and --train_dir are exclusive: pass one source of training images.")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        fail("--overwrite_output_dir (start over, deleting earlier checkpoints) and --resume_from_checkpoint "
+             f"({args.resume_from_checkpoint!r}) contradict each other: pass one.")
     if args.streaming and not args.dataset_name:
         fail("--streaming needs --dataset_name (a local --train_dir is read directly).")
     if args.streaming and args.max_train_steps is None:
@@ -532,13 +535,31 @@ def main(argv=None) -> int:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
 
+    # The Hub repo is created first, before the data, the model or anything in --output_dir: a deterministic
+    # failure (offline mode, no / read-only token, bad --hub_model_id) stops here, not after hours of training.
+    # Transient failures are retried in the background while training runs.
+    pusher, repo_id, push_failed = None, None, False
+    if args.push_to_hub and accelerator.is_main_process:
+        try:
+            pusher = HubPusher(args.hub_model_id or output_dir.resolve().name, private=args.hub_private_repo or None)
+        except HubPusher.PushError as err:
+            raise SystemExit(f"--push_to_hub: {err}\nFix --hub_model_id / the login, or run without --push_to_hub "
+                             "(the output folder can be pushed later with `hf upload`). Nothing was trained.") from None
+        repo_id = pusher.repo_id
+
     ckpt = CheckpointManager(accelerator, output_dir, args.checkpoints_total_limit)
+    if args.overwrite_output_dir:
+        ckpt.clear()  # starting over: no earlier checkpoint may be resumed or outrank this run's in rotation
     resume_path = ckpt.resolve(args.resume_from_checkpoint)
-    # Checked on every rank (same filesystem), so no rank waits forever for one that raised.
+    # Checked on every rank (same filesystem), so no rank waits forever for one that raised. With nothing to
+    # resume, a non-empty folder is only taken over when it is this script's own run that was stopped before
+    # its first checkpoint (it wrote training_args.json); anything else needs --overwrite_output_dir.
+    own_unfinished_run = args.resume_from_checkpoint == "latest" and (output_dir / "training_args.json").is_file()
     if output_dir.is_dir() and any(output_dir.iterdir()) and resume_path is None \
-            and not args.overwrite_output_dir and args.resume_from_checkpoint != "latest":
-        raise ValueError(f"--output_dir {output_dir} is not empty. Pass --resume_from_checkpoint latest to "
-                         "continue the run there, or --overwrite_output_dir to start over in it.")
+            and not args.overwrite_output_dir and not own_unfinished_run:
+        raise ValueError(f"--output_dir {output_dir} is not empty and holds no checkpoint to resume. Pass "
+                         "--overwrite_output_dir to start over in it (its files may be overwritten), or choose "
+                         "another folder.")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -660,6 +681,13 @@ def main(argv=None) -> int:
                 f"warmup {warmup_steps} steps, {args.lr_scheduler_type} schedule; dataloader workers = {num_workers}")
 
     # ------------------------------------------------------------------------------------ resume
+    # What the saved position (batches into an epoch) and the lr schedule mean: resuming under other values
+    # would skip or repeat data and follow another schedule, so `ckpt.load` refuses it by name.
+    ckpt.settings = {"per_device_train_batch_size": args.per_device_train_batch_size, "num_processes": num_processes,
+                     "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
+                     "max_train_steps": max_train_steps, "train_samples": train_len, "streaming": bool(args.streaming),
+                     "peak_lr": peak_lr, "warmup_steps": warmup_steps, "lr_scheduler_type": args.lr_scheduler_type,
+                     "milestones": milestones}
     global_step, start_epoch, resume_batches = 0, 0, 0
     if resume_path is not None:
         logger.info(f"Resuming from checkpoint {resume_path}")
@@ -676,11 +704,6 @@ def main(argv=None) -> int:
         logger.warning("The optimizer cannot skip steps without a host sync; non-finite steps are detected "
                        "at the logging interval only.")
     preemption = PreemptionHandler()
-    pusher = None
-    repo_id = None
-    if args.push_to_hub and accelerator.is_main_process:
-        pusher = HubPusher(args.hub_model_id or output_dir.resolve().name, private=args.hub_private_repo or None)
-        repo_id = pusher.repo_id
     nan_steps = {int(float(s)) for s in args.debug_nonfinite_steps.split(",")} if args.debug_nonfinite_steps else set()
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
 
@@ -851,7 +874,8 @@ def main(argv=None) -> int:
         processor.save_pretrained(output_dir)
         results = {"train_loss": last_loss, "eval_loss": last_eval_loss, "global_step": global_step,
                    "skipped_nonfinite_steps": guard.total_skipped, "stopped_early": stopped_early}
-        atomic_write_text(output_dir / "all_results.json", json.dumps(results, indent=2))
+        results = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in results.items()}
+        atomic_write_text(output_dir / "all_results.json", json.dumps(results, indent=2, allow_nan=False))
         _write_card(args, output_dir, config, model_source, data_description, num_params, num_epochs,
                     global_step, total_batch_size, num_processes, peak_lr, warmup_steps, accelerator,
                     last_loss, last_eval_loss, repo_id)
@@ -859,11 +883,15 @@ def main(argv=None) -> int:
         if pusher is not None:
             pusher.push(output_dir, f"SimMIM pretraining: {global_step} steps", ignore_patterns=NOT_MODEL_PATTERNS)
             if not pusher.wait():
-                logger.error(f"Push to the Hub failed; the model is safe in {output_dir}. Retry with "
-                             "`hf upload` once the Hub is reachable.")
+                push_failed = True
+                logger.error(
+                    f"Push to the Hub failed ({'; '.join(pusher.errors)}). The local folder {output_dir} is complete "
+                    "(weights, config, processor, model code, model card, checkpoints); nothing was lost. Push it by "
+                    f"hand once the problem is fixed:\n  {pusher.manual_push_command(output_dir, NOT_MODEL_PATTERNS)}\n"
+                    "Exiting with status 1.")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return 1 if stopped_early else 0
+    return 1 if stopped_early or push_failed else 0
 
 
 def _write_card(args, output_dir, config, model_source, data_description, num_params, num_epochs, steps,

@@ -2,9 +2,10 @@
 
 * `sample_seed`: a per-sample seed from (seed, epoch, index), so a sample's crop, flip and mask never depend
   on resume, dataloader worker count or world size.
-* `CheckpointManager`: atomic checkpoints through `Accelerator.save_state` (a kill mid-save never breaks
-  `latest`), `checkpoints_total_limit`, and `resume_from_checkpoint="latest"|PATH` that skips half-written
-  checkpoints with a warning.
+* `CheckpointManager`: atomic checkpoints through `Accelerator.save_state` (a kill at any point, also during
+  a same-step re-save, leaves a complete checkpoint to resume), `checkpoints_total_limit` (never deleting the
+  newest), `resume_from_checkpoint="latest"|PATH` that skips half-written checkpoints with a warning, and a
+  refusal to resume with settings that change the meaning of the saved position.
 * `PreemptionHandler`: SIGTERM/SIGUSR1 set a flag; all ranks agree on it through a host-side all-reduce, so
   every rank saves at the same step and the script exits cleanly.
 * `NonFiniteGuard`: skips optimizer steps whose gradients are not finite, without a host sync per step,
@@ -41,6 +42,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last: its presence is what makes a checkpoint valid
 LATEST_FILE = "latest"
 _TMP_PREFIX = ".tmp-"
+# A complete checkpoint moved aside while a same-step re-save replaces it; restored if the kill came between.
+_REPLACED_PREFIX = ".replaced-"
 
 
 # --------------------------------------------------------------------------------------------------- seeds
@@ -109,29 +112,56 @@ class CheckpointManager:
     rank, registered objects) into a hidden temporary folder; after a barrier the main process writes the
     completion marker with the training position, renames the folder into place (atomic) and then
     atomically replaces the `latest` pointer. A kill at any moment leaves either the previous checkpoint
-    as latest or the new one, never a torn folder under a valid name. Multi-node runs need `output_dir`
-    on a filesystem shared by all nodes (as Accelerate's own checkpointing does).
+    as latest or the new one, never a torn folder under a valid name; a same-step re-save moves the old
+    complete copy aside first and `resolve` falls back to it if the kill came before the new one was in place.
+    Multi-node runs need `output_dir` on a filesystem shared by all nodes (as Accelerate's own checkpointing).
+
+    `settings` (JSON values) are stored with every checkpoint; `load` refuses a checkpoint whose stored settings
+    differ, naming each changed setting (e.g. another batch size would re-read the saved in-epoch position at
+    the wrong granularity and follow another lr schedule).
     """
 
-    def __init__(self, accelerator, output_dir: str | os.PathLike, total_limit: int | None = None):
+    def __init__(self, accelerator, output_dir: str | os.PathLike, total_limit: int | None = None,
+                 settings: dict[str, Any] | None = None):
         if total_limit is not None and total_limit < 1:
             raise ValueError(f"`checkpoints_total_limit` must be >= 1 or unset; got {total_limit}.")
         self.accelerator = accelerator
         self.root = Path(output_dir) / "checkpoints"
         self.total_limit = total_limit
+        self.settings = dict(settings or {})
         self.protected: set[str] = set()  # folders being uploaded in the background: never rotated away
 
     # -------------------------------------------------------------- listing
     def list_checkpoints(self, complete_only: bool = True) -> list[Path]:
-        """Checkpoint folders sorted by step (oldest first)."""
+        """Checkpoint folders sorted by step (oldest first). A complete copy moved aside by an interrupted
+        same-step re-save stands in for its step while the new copy is not in place."""
         if not self.root.is_dir():
             return []
-        found = []
+        found: dict[int, Path] = {}
+        replaced: dict[int, Path] = {}
         for child in self.root.iterdir():
+            if not child.is_dir():
+                continue
             step = _step_of(child.name)
-            if step is not None and child.is_dir() and (not complete_only or is_complete_checkpoint(child)):
-                found.append((step, child))
-        return [path for _, path in sorted(found)]
+            if step is not None:
+                if not complete_only or is_complete_checkpoint(child):
+                    found[step] = child
+            elif child.name.startswith(_REPLACED_PREFIX) and is_complete_checkpoint(child):
+                step = _step_of(child.name.removeprefix(_REPLACED_PREFIX))
+                if step is not None:
+                    replaced[step] = child
+        for step, path in replaced.items():
+            if step not in found or not is_complete_checkpoint(found[step]):
+                found[step] = path
+        return [found[step] for step in sorted(found)]
+
+    def clear(self) -> None:
+        """Delete every checkpoint (main process): `--overwrite_output_dir` starts over for real, so a later
+        `--resume_from_checkpoint latest` can never pick up a previous run's state."""
+        if self.accelerator.is_main_process and self.root.exists():
+            logger.warning("Deleting the previous run's checkpoints in %s (--overwrite_output_dir).", self.root)
+            shutil.rmtree(self.root)
+        self.accelerator.wait_for_everyone()
 
     # -------------------------------------------------------------- saving
     def save(self, step: int, state: dict[str, Any]) -> Path:
@@ -140,6 +170,7 @@ class CheckpointManager:
         acc = self.accelerator
         final = self.root / f"{CHECKPOINT_PREFIX}{step}"
         tmp = self.root / f"{_TMP_PREFIX}{CHECKPOINT_PREFIX}{step}"
+        replaced = self.root / f"{_REPLACED_PREFIX}{CHECKPOINT_PREFIX}{step}"
         if acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():  # left over by a run killed mid-save
@@ -148,27 +179,35 @@ class CheckpointManager:
         acc.save_state(str(tmp), safe_serialization=True)
         acc.wait_for_everyone()  # every rank's files (its RNG state at least) are written
         if acc.is_main_process:
-            marker = {"step": int(step), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **state}
+            marker = {"step": int(step), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **state,
+                      "settings": self.settings}
             atomic_write_text(tmp / COMPLETE_MARKER, json.dumps(marker, indent=2, sort_keys=True))
-            if final.exists():  # same step saved twice (e.g. SIGTERM right at a checkpointing step)
-                shutil.rmtree(final)
+            if final.exists():
+                # Same step saved twice (e.g. SIGTERM right at a checkpointing step). The complete copy is moved
+                # aside, not deleted, until the new one is in place: a kill in between leaves it resolvable.
+                if replaced.exists():
+                    shutil.rmtree(replaced)
+                os.replace(final, replaced)
             os.replace(tmp, final)
             _fsync_dir(self.root)
             atomic_write_text(self.root / LATEST_FILE, final.name + "\n")
-            self._rotate()
+            if replaced.exists():
+                shutil.rmtree(replaced)
+            self._rotate(keep=final)
         acc.wait_for_everyone()
         return final
 
-    def _rotate(self) -> None:
+    def _rotate(self, keep: Path) -> None:
         # Stale temporary folders from killed runs are garbage; complete ones beyond the limit are deleted
-        # oldest first, except folders still being pushed to the Hub (they go at a later rotation).
+        # oldest first, except the one just written (whatever its step) and folders still being pushed to the
+        # Hub (they go at a later rotation).
         for child in self.root.iterdir():
             if child.name.startswith(_TMP_PREFIX + CHECKPOINT_PREFIX):
                 shutil.rmtree(child, ignore_errors=True)
         if self.total_limit is None:
             return
-        complete = self.list_checkpoints()
-        for path in complete[: max(0, len(complete) - self.total_limit)]:
+        complete = [path for path in self.list_checkpoints() if path != keep]
+        for path in complete[: max(0, len(complete) + 1 - self.total_limit)]:
             if str(path) in self.protected:
                 continue
             logger.info("Removing old checkpoint %s (checkpoints_total_limit=%d)", path, self.total_limit)
@@ -203,8 +242,21 @@ class CheckpointManager:
             )
         return path
 
+    def check_settings(self, path: str | os.PathLike) -> None:
+        """Raise a ValueError naming every setting that differs from the one `path` was saved with."""
+        stored = read_checkpoint_state(path).get("settings") or {}
+        changed = [f"{key}: {stored[key]!r} in the checkpoint, {self.settings[key]!r} now"
+                   for key in sorted(set(stored) & set(self.settings)) if stored[key] != self.settings[key]]
+        if changed:
+            raise ValueError(
+                f"Cannot resume from {path}: these settings differ from the run that saved it, and the saved "
+                "position and schedule mean something else under them:\n  " + "\n  ".join(changed)
+                + "\nResume with the original settings, or start a new run in another --output_dir."
+            )
+
     def load(self, path: str | os.PathLike) -> dict:
-        """Restore the Accelerate state (collective) and return the stored training position."""
+        """Check the settings, restore the Accelerate state (collective) and return the stored position."""
+        self.check_settings(path)
         self.accelerator.load_state(str(path))
         return read_checkpoint_state(path)
 
@@ -321,12 +373,31 @@ class NonFiniteGuard:
 
 # ------------------------------------------------------------------------------------------------- Hub
 class HubPusher:
-    """Uploads folders to a Hub model repo from one background thread, with retries.
+    """Uploads folders to a Hub model repo from one background thread, with retries of transient errors.
 
-    Failures are logged (never raised into the training loop), and nothing local is ever deleted or
-    modified; the caller keeps the output regardless of the network. The token comes from `HF_TOKEN` or the
-    cached `hf auth login` (resolved by huggingface_hub itself): it is never passed through arguments,
-    logged or written anywhere by this class."""
+    Errors are sorted into two kinds (`is_transient`). Transient ones (connection errors, timeouts, HTTP 408,
+    429 and 5xx) are retried with exponential back-off in the background thread. Deterministic ones (offline
+    mode `HF_HUB_OFFLINE=1`, missing token, HTTP 401/403 and other 4xx, unknown or invalid repo id, a missing
+    local folder) fail at once: retrying cannot fix them.
+
+    * `create_repo` is tried once in the constructor. A deterministic failure raises `HubPusher.PushError`
+      (the caller should stop before training: finding out after hours of training that nothing can be pushed
+      is worse); a transient one is retried in the background, ahead of the uploads, and training goes on.
+    * Upload failures are logged and recorded in `errors` (never raised into the training loop); `wait`
+      returns False when any upload failed, so the caller can exit non-zero after saving locally.
+
+    Nothing local is ever deleted or modified. The token comes from `HF_TOKEN` or the cached `hf auth login`
+    (resolved by huggingface_hub itself): it is never passed through arguments, logged or written anywhere by
+    this class (messages carry only the exception type and text, never request headers)."""
+
+    class PushError(RuntimeError):
+        """A Hub operation failed for a reason that retrying cannot fix."""
+
+    # huggingface_hub.errors classes that are deterministic whatever their HTTP status (looked up by name, so a
+    # class missing from some huggingface_hub version is simply skipped).
+    _DETERMINISTIC_HUB_ERRORS = ("OfflineModeIsEnabled", "HFValidationError", "LocalTokenNotFoundError")
+    _DETERMINISTIC_WITHOUT_STATUS = ("RepositoryNotFoundError", "RevisionNotFoundError", "DisabledRepoError",
+                                     "BadRequestError")
 
     def __init__(self, repo_id: str, private: bool | None = None, max_retries: int = 5,
                  backoff_seconds: float = 2.0, api=None):
@@ -336,27 +407,98 @@ class HubPusher:
         self.private = private
         self.max_retries = max(1, int(max_retries))
         self.backoff_seconds = backoff_seconds
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
         self._futures: list[Future] = []
+        self._setup: Future | None = None  # a background create_repo retry, when the first attempt was transient
         self._lock = threading.Lock()
-        self.failed: list[str] = []
-        self.repo_id = self._retry("create_repo", lambda: self.api.create_repo(
-            repo_id, private=private, exist_ok=True, repo_type="model"), fallback=repo_id)
-        self.repo_id = getattr(self.repo_id, "repo_id", None) or repo_id
+        self.failed: list[str] = []  # what failed ("upload of <folder>", ...)
+        self.errors: list[str] = []  # why: "<what>: <ExceptionType>: <message>"
+        self.repo_id = repo_id
 
-    def _retry(self, what: str, fn, fallback=None):
-        for attempt in range(1, self.max_retries + 1):
+        def create():
+            return self.api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+
+        try:
+            url = create()
+        except Exception as err:  # noqa: BLE001 - network errors come in many types
+            msg = self._describe(err)
+            if not self.is_transient(err):
+                raise HubPusher.PushError(
+                    f"Cannot create the Hub repo {repo_id!r}: {msg}. {self._hint(err)}".rstrip()) from None
+            logger.warning("Hub create_repo of %s failed (%s); retrying in the background while training goes on.",
+                           repo_id, msg)
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
+            self._setup = self._executor.submit(self._retry, f"create_repo of {repo_id}", create, None, 2, False)
+        else:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
+            self.repo_id = getattr(url, "repo_id", None) or repo_id
+
+    # -------------------------------------------------------------- error kinds
+    @staticmethod
+    def is_transient(err: BaseException) -> bool:
+        """True for errors worth retrying (network down, timeouts, rate limit, server errors), False for
+        deterministic ones (offline mode, authentication / permission, bad or unknown repo id, other 4xx,
+        local problems)."""
+        from huggingface_hub import errors as hub_errors
+
+        def classes(names):
+            return tuple(getattr(hub_errors, name) for name in names if hasattr(hub_errors, name))
+
+        # Before the ConnectionError test: OfflineModeIsEnabled is a ConnectionError but will never pass.
+        if isinstance(err, classes(HubPusher._DETERMINISTIC_HUB_ERRORS)):
+            return False
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status in (408, 429) or status >= 500
+        if isinstance(err, classes(HubPusher._DETERMINISTIC_WITHOUT_STATUS)):
+            return False
+        if isinstance(err, (ConnectionError, TimeoutError)):
+            return True
+        if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
+                            TypeError, AttributeError, KeyError, NotImplementedError)):
+            return False
+        # Anything else (e.g. the HTTP client's own transport errors) is assumed to be the network's fault.
+        return True
+
+    @staticmethod
+    def _describe(err: BaseException) -> str:
+        # Only the exception type and message: never the request headers (they carry the token).
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        return f"{type(err).__name__}{f' (HTTP {status})' if isinstance(status, int) else ''}: {err}"
+
+    @staticmethod
+    def _hint(err: BaseException) -> str:
+        """What to do about a deterministic error."""
+        name = type(err).__name__
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if name == "OfflineModeIsEnabled":
+            return "HF_HUB_OFFLINE is set: unset it to push to the Hub."
+        if name == "LocalTokenNotFoundError" or status == 401:
+            return "Log in with `hf auth login` or set HF_TOKEN (a token with write access)."
+        if status == 403:
+            return "The token may not write to this namespace: check the repo id's owner and the token's permissions."
+        if name in ("HFValidationError", "RepositoryNotFoundError") or status == 404:
+            return "Check the repo id ('name' or 'namespace/name', a namespace you can write to)."
+        return ""
+
+    # -------------------------------------------------------------- retries
+    def _retry(self, what: str, fn, fallback=None, first_attempt: int = 1, record: bool = True):
+        for attempt in range(first_attempt, self.max_retries + 1):
             try:
                 return fn()
             except Exception as err:  # noqa: BLE001 - network errors come in many types
-                # Only the exception type and message: never the request headers (they carry the token).
-                msg = f"{type(err).__name__}: {err}"
-                if attempt == self.max_retries:
-                    logger.error("Hub %s failed after %d attempts (%s). Local files are kept.", what, attempt, msg)
-                    with self._lock:
-                        self.failed.append(what)
+                msg = self._describe(err)
+                transient = self.is_transient(err)
+                if not transient or attempt >= self.max_retries:
+                    how = f"after {attempt} attempts" if transient else "with an error that retrying cannot fix"
+                    hint = "" if transient else self._hint(err)
+                    logger.error("Hub %s failed %s (%s). %sLocal files are kept.", what, how, msg,
+                                 f"{hint} " if hint else "")
+                    if record:
+                        with self._lock:
+                            self.failed.append(what)
+                            self.errors.append(f"{what}: {msg}")
                     return fallback
-                delay = self.backoff_seconds * 2 ** (attempt - 1)
+                delay = self.backoff_seconds * 2 ** (attempt - first_attempt)
                 logger.warning("Hub %s failed (attempt %d/%d: %s); retrying in %.0fs.", what, attempt,
                                self.max_retries, msg, delay)
                 time.sleep(delay)
@@ -389,18 +531,33 @@ class HubPusher:
         return future
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for all queued uploads; True if all succeeded."""
+        """Wait for all queued uploads; True if all succeeded (False also when one did not finish in time)."""
         ok = True
         deadline = None if timeout is None else time.monotonic() + timeout
-        for future in self._futures:
+        for future in ([self._setup] if self._setup is not None else []) + self._futures:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                ok = bool(future.result(timeout=remaining)) and ok
+                result = future.result(timeout=remaining)
             except Exception as err:  # noqa: BLE001
                 logger.error("Hub upload did not finish: %s: %s", type(err).__name__, err)
+                with self._lock:
+                    self.errors.append(f"did not finish: {type(err).__name__}: {err}")
                 ok = False
+                continue
+            # The background create_repo's outcome does not count by itself: the uploads after it decide
+            # (the repo may exist already).
+            if future is not self._setup:
+                ok = bool(result) and ok
         self._executor.shutdown(wait=False)
         return ok
+
+    def manual_push_command(self, folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> str:
+        """The `hf upload` command that pushes `folder` by hand (for the log after a failed push)."""
+        import shlex
+
+        excludes = "".join(f" --exclude {shlex.quote(pattern)}" for pattern in ignore_patterns or [])
+        private = " --private" if self.private else ""
+        return f"hf upload {shlex.quote(self.repo_id)} {shlex.quote(str(folder))}{excludes}{private}"
 
 
 # ------------------------------------------------------------------------------------------- model card

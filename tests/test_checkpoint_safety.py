@@ -1,0 +1,141 @@
+"""No silent data loss around checkpoints (issue: reliability): crash-safe same-step re-saves, rotation that
+never deletes the newest checkpoint, `--overwrite_output_dir` that really starts over, the non-empty output
+guard under `--resume_from_checkpoint latest`, and resuming with changed settings refused by name."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from test_pretraining import COMMON, SCRIPT, _run, _weights
+
+from simmim_hf import training_utils
+from simmim_hf.training_utils import COMPLETE_MARKER, CheckpointManager
+
+
+class FakeAccelerator:
+    """The part of `Accelerator` the manager uses: `save_state` writes a weights file tagged with `tag`."""
+
+    is_main_process = True
+
+    def __init__(self):
+        self.tag = ""
+        self.loaded = None
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder, safe_serialization=True):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_text(self.tag)
+
+    def load_state(self, folder):
+        self.loaded = (Path(folder) / "model.safetensors").read_text()
+
+
+def save(manager: CheckpointManager, step: int, tag: str) -> Path:
+    manager.accelerator.tag = tag
+    return manager.save(step, {"epoch": 0})
+
+
+@pytest.mark.parametrize("total_limit", [None, 1])
+def test_a_kill_during_a_same_step_resave_leaves_the_complete_copy_resolvable(tmp_path, monkeypatch, total_limit):
+    manager = CheckpointManager(FakeAccelerator(), tmp_path, total_limit=total_limit)
+    save(manager, 4, "first")
+    real_replace = training_utils.os.replace
+    calls = []
+
+    def killed_after_moving_aside(src, dst):
+        calls.append(Path(src).name)
+        if Path(src).name.startswith(".tmp-checkpoint-4"):  # the new copy is never put in place
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(training_utils.os, "replace", killed_after_moving_aside)
+    with pytest.raises(KeyboardInterrupt):
+        save(manager, 4, "second")
+    monkeypatch.setattr(training_utils.os, "replace", real_replace)
+    assert "checkpoint-4" in calls  # the old copy was moved aside before the kill
+    latest = CheckpointManager(FakeAccelerator(), tmp_path, total_limit=total_limit).resolve("latest")
+    assert latest is not None and (latest / COMPLETE_MARKER).is_file()
+    assert (latest / "model.safetensors").read_text() == "first"  # weights present, not a torn folder
+    # The run resumes, saves again, and the set-aside copy is gone.
+    manager = CheckpointManager(FakeAccelerator(), tmp_path, total_limit=total_limit)
+    manager.load(latest)
+    assert manager.accelerator.loaded == "first"
+    final = save(manager, 4, "third")
+    assert (final / "model.safetensors").read_text() == "third"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-4", "latest"]
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
+    manager = CheckpointManager(FakeAccelerator(), tmp_path, total_limit=1)
+    save(manager, 6, "old run")  # a higher step from an earlier run in the same folder
+    newest = save(manager, 2, "this run")
+    assert newest.is_dir() and (newest / "model.safetensors").read_text() == "this run"
+    assert [p.name for p in manager.list_checkpoints()] == ["checkpoint-2"]
+    manager = CheckpointManager(FakeAccelerator(), tmp_path, total_limit=2)
+    for step in (3, 4, 5):
+        save(manager, step, f"step {step}")
+    assert [p.name for p in manager.list_checkpoints()] == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_resuming_with_changed_settings_is_refused_by_name(tmp_path):
+    settings = {"per_device_train_batch_size": 4, "num_processes": 1, "peak_lr": 1e-3}
+    manager = CheckpointManager(FakeAccelerator(), tmp_path, settings=settings)
+    path = save(manager, 3, "x")
+    same = CheckpointManager(FakeAccelerator(), tmp_path, settings=dict(settings))
+    assert same.load(path)["step"] == 3
+    changed = CheckpointManager(FakeAccelerator(), tmp_path, settings={**settings, "per_device_train_batch_size": 8})
+    with pytest.raises(ValueError, match=r"per_device_train_batch_size: 4 in the checkpoint, 8 now") as err:
+        changed.load(path)
+    assert "peak_lr" not in str(err.value) and changed.accelerator.loaded is None  # nothing was restored
+
+
+# ------------------------------------------------------------------------------------------- the script
+TINY = [*COMMON, "--max_train_steps", "4", "--checkpointing_steps", "2", "--dataloader_num_workers", "0"]
+
+
+def test_overwrite_output_dir_starts_over_and_latest_never_resumes_the_old_run(tmp_path):
+    out = tmp_path / "out"
+    _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *TINY, "--max_train_steps", "6",
+          "--checkpointing_steps", "3", "--seed", "1"], tmp_path / "a.txt")
+    assert (out / "checkpoints" / "checkpoint-6").is_dir()
+    _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *TINY, "--seed", "2", "--overwrite_output_dir",
+          "--checkpoints_total_limit", "1"], tmp_path / "b.txt")
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4"]
+    b_weights = _weights(out)
+    # A later resume finds run B's finished state, never run A's checkpoint-6.
+    log = _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *TINY, "--seed", "2",
+                "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest"], tmp_path / "c.txt")
+    assert "checkpoint-4" in log and "checkpoint-6" not in log
+    after = _weights(out)
+    assert all((after[k] == b_weights[k]).all() for k in after)
+    assert json.loads((out / "training_args.json").read_text())["seed"] == 2
+    # Contradictory flags are refused up front.
+    log = _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *TINY, "--overwrite_output_dir",
+                "--resume_from_checkpoint", "latest"], tmp_path / "d.txt", expect_rc=2)
+    assert "contradict" in log
+
+
+def test_resume_latest_does_not_take_over_a_foreign_non_empty_folder(tmp_path):
+    out = tmp_path / "user"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    (out / "config.json").write_text('{"mine": true}')
+    log = _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *TINY, "--resume_from_checkpoint", "latest"],
+               tmp_path / "log.txt", expect_rc=1)
+    assert "not empty" in log and "--overwrite_output_dir" in log
+    assert (out / "README.md").read_text() == "my notes" and json.loads((out / "config.json").read_text()) == {"mine": True}
+
+
+def test_resume_with_another_batch_size_is_refused(tmp_path):
+    out = tmp_path / "out"
+    _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *TINY], tmp_path / "a.txt")
+    log = _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *TINY, "--max_train_steps", "6",
+                "--per_device_train_batch_size", "2", "--resume_from_checkpoint", "latest"], tmp_path / "b.txt",
+               expect_rc=1)
+    assert "per_device_train_batch_size: 4 in the checkpoint, 2 now" in log
+    assert "max_train_steps: 4 in the checkpoint, 6 now" in log
