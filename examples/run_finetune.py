@@ -61,7 +61,7 @@ from transformers.image_utils import PILImageResampling  # noqa: E402
 from simmim_hf import SimMIMConfig, SimMIMForImageClassification  # noqa: E402
 from simmim_hf.configuration_simmim import PRESETS  # noqa: E402
 from simmim_hf.augmentation import FinetuneAugmentation, parse_rand_augment  # noqa: E402
-from simmim_hf.data import SimMIMTransform, simmim_collate_fn  # noqa: E402
+from simmim_hf.data import SimMIMCollator  # noqa: E402
 from simmim_hf.evaluation import LinearProbe  # noqa: E402
 from simmim_hf.image_processing_simmim import SimMIMImageProcessor  # noqa: E402
 from simmim_hf.metrics import load_metric  # noqa: E402
@@ -395,7 +395,9 @@ def evaluate_model(model, dataloader, accelerator, num_classes: int) -> dict:
     model.eval()
     loss_sum = torch.zeros((), device=accelerator.device)
     count = torch.zeros((), device=accelerator.device)
+    unreadable = torch.zeros((), device=accelerator.device, dtype=torch.long)
     for batch in dataloader:
+        unreadable += batch["num_unreadable"]
         logits = model(pixel_values=batch["pixel_values"]).logits
         labels = batch["labels"]
         losses = F.cross_entropy(logits.float(), labels, reduction="none")
@@ -407,6 +409,10 @@ def evaluate_model(model, dataloader, accelerator, num_classes: int) -> dict:
         metric.add_batch(predictions=logits.float().cpu().numpy(), references=labels.cpu().numpy())
     results = metric.compute(top_k=(1, 5) if num_classes >= 5 else (1,))
     results["loss"] = (loss_sum / count.clamp(min=1)).item()
+    results["unreadable_images"] = int(accelerator.reduce(unreadable, "sum").item())
+    if results["unreadable_images"]:
+        logger.warning(f"{results['unreadable_images']} unreadable eval image(s) were replaced by other images of "
+                       "their batch; the metrics count those duplicates.")
     model.train()
     return results
 
@@ -446,6 +452,17 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
         transformers.utils.logging.set_verbosity_error()
     set_seed(args.seed)
 
+    # The Hub repo is created before anything else: a deterministic failure (offline mode, no / read-only token,
+    # bad --hub_model_id) stops the run here instead of after training. Transient failures are retried in the
+    # background; the best model is pushed at the end.
+    pusher = None
+    if args.push_to_hub and accelerator.is_main_process:
+        try:
+            pusher = HubPusher(args.hub_model_id or output_dir.resolve().name, private=args.hub_private_repo or None)
+        except HubPusher.PushError as err:
+            raise SystemExit(f"--push_to_hub: {err}\nFix --hub_model_id / the login, or run without --push_to_hub "
+                             "(the output folder can be pushed later with `hf upload`). Nothing was trained.") from None
+
     # The image size is needed before the data (the digits are upsampled to it).
     probe_config = (SimMIMConfig.from_preset(args.preset) if args.preset else
                     AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code,
@@ -468,18 +485,23 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
     augment = FinetuneAugmentation.from_image_processor(
         processor, rand_augment=args.rand_augment, random_erasing_prob=args.random_erasing,
         random_erasing_mode=args.random_erasing_mode, padded_crop=padded_crop)
+    augment_description = ", ".join([
+        f"random crop of the {padded_crop}-px padded image" if padded_crop else
+        f"bicubic RandomResizedCrop (area {args.crop_scale_min}-1)", f"flip p {args.flip_prob}",
+        f"RandAugment {args.rand_augment}", f"random erasing p {args.random_erasing} ({args.random_erasing_mode})"])
+    # Images are decoded in the collator: an unreadable file (truncated, corrupt) is replaced by another sample of
+    # its batch and counted, as in pretraining, instead of crashing a worker inside `datasets`.
+    train_ds = train_ds.add_column("index", list(range(len(train_ds)))).cast_column("image", datasets.Image(decode=False))
+    eval_ds = eval_ds.cast_column("image", datasets.Image(decode=False))
     # Per-sample seeds: a sample's crop / flip depends only on (seed, epoch, index), so resuming mid-run
     # and any number of workers or processes reproduce the same stream.
-    train_ds = train_ds.add_column("index", list(range(len(train_ds))))
-    train_transform = SimMIMTransform(processor, seed=args.seed, index_column="index", keep_columns=("label",),
-                                      do_train=True, return_mask=False)
-    train_ds.set_transform(train_transform)
-    eval_ds.set_transform(SimMIMTransform(processor, keep_columns=("label",), do_train=False, return_mask=False))
+    train_collator = SimMIMCollator(processor, seed=args.seed, keep_columns=("label",), do_train=True, return_mask=False)
+    eval_collator = SimMIMCollator(processor, keep_columns=("label",), do_train=False, return_mask=False)
 
     train_sampler = EpochShuffleSampler(len(train_ds), args.seed)
     train_loader = DataLoader(train_ds, batch_size=args.per_device_train_batch_size, sampler=train_sampler,
-                              collate_fn=simmim_collate_fn, num_workers=args.dataloader_num_workers)
-    eval_loader = DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size, collate_fn=simmim_collate_fn,
+                              collate_fn=train_collator, num_workers=args.dataloader_num_workers)
+    eval_loader = DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator,
                              num_workers=args.dataloader_num_workers)
 
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -504,7 +526,12 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
         model, optimizer, train_loader, eval_loader, lr_scheduler)
     augment = augment.to(accelerator.device)
 
-    manager = CheckpointManager(accelerator, output_dir, total_limit=args.checkpoints_total_limit)
+    # What an epoch-granular checkpoint's position and schedule mean; resuming under other values is refused.
+    manager = CheckpointManager(accelerator, output_dir, total_limit=args.checkpoints_total_limit, settings={
+        "per_device_train_batch_size": args.per_device_train_batch_size, "num_processes": accelerator.num_processes,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps, "num_train_epochs": args.num_train_epochs,
+        "train_samples": len(train_ds), "peak_lr": peak_lr, "warmup_steps": warmup_steps, "seed": args.seed,
+        "lr_scheduler_type": args.lr_scheduler_type, "linear_probe": args.linear_probe})
     start_epoch, best, history = 0, {"accuracy": -1.0, "epoch": None}, []
     resume = manager.resolve(args.resume_from_checkpoint)
     if resume is not None:
@@ -524,10 +551,11 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
     global_step = start_epoch * steps_per_epoch
     use_mix = args.mixup > 0 or args.cutmix > 0
     running = torch.zeros((), device=accelerator.device)
+    unreadable = torch.zeros((), device=accelerator.device, dtype=torch.long)
     preempted = False
     model.train()
     for epoch in range(start_epoch, args.num_train_epochs):
-        train_transform.set_epoch(epoch)
+        train_collator.set_epoch(epoch)
         # accelerate's DataLoaderShard re-applies its own epoch counter to the sampler at every `iter()`; a
         # resumed run must set it, or the counter restarts at 0 and the resumed epochs replay epoch 0's order.
         train_loader.set_epoch(epoch)
@@ -550,6 +578,7 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             running += loss.detach()  # stays on the device: no host sync per step
+            unreadable += batch["num_unreadable"]
             if accelerator.sync_gradients:
                 lr_scheduler.step()
                 global_step += 1
@@ -585,27 +614,43 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
     preemption.restore()
 
     final = {"best": best, "last": history[-1] if history else None, "history": history,
+             "unreadable_train_images": int(accelerator.reduce(unreadable, "sum").item()),
              "train_samples": len(train_ds), "eval_samples": len(eval_ds), "num_classes": num_classes,
              "linear_probe": args.linear_probe, "preempted": preempted,
              "transfer_report": None if report is None else {
                  "interpolated": report.interpolated, "expanded_shared": report.expanded_shared,
                  "missing": report.missing, "unexpected": report.unexpected, "mismatched": report.mismatched}}
+    if final["unreadable_train_images"]:
+        logger.warning(f"{final['unreadable_train_images']} unreadable training image(s) were replaced by other "
+                       "images of their batch (unreadable_train_images in all_results.json).")
     if accelerator.is_main_process:
-        (output_dir / "all_results.json").write_text(json.dumps(final, indent=2))
+        def json_safe(value):  # non-finite floats (e.g. a diverged loss) as null: a bare NaN is not JSON
+            if isinstance(value, float) and not math.isfinite(value):
+                return None
+            if isinstance(value, dict):
+                return {k: json_safe(v) for k, v in value.items()}
+            return [json_safe(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+        (output_dir / "all_results.json").write_text(json.dumps(json_safe(final), indent=2, allow_nan=False))
         if not preempted and history and (output_dir / "best").is_dir():
             write_card(args, config, output_dir / "best", final, data_description, total_batch, peak_lr,
-                       layer_decay, max_steps, warmup_steps, accelerator)
-    if args.push_to_hub and accelerator.is_main_process and not preempted:
-        pusher = HubPusher(args.hub_model_id or output_dir.resolve().name, private=args.hub_private_repo or None)
+                       layer_decay, max_steps, warmup_steps, accelerator, augment_description)
+    if pusher is not None and not preempted:
         pusher.push(output_dir / "best", commit_message=f"Fine-tuned: best eval accuracy {best['accuracy']:.4f}")
-        pusher.wait()
+        if not pusher.wait():
+            # Returned to the caller (not in all_results.json, written before the push): `main` exits with 1.
+            final["hub_push_failed"] = True
+            logger.error(
+                f"Push to the Hub failed ({'; '.join(pusher.errors)}). The local folder {output_dir / 'best'} is "
+                "complete (weights, config, processor, model card); nothing was lost. Push it by hand once the "
+                f"problem is fixed:\n  {pusher.manual_push_command(output_dir / 'best')}\nExiting with status 1.")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final, accelerator.unwrap_model(model)
 
 
 def write_card(args, config, folder, final, data_description, total_batch, peak_lr, layer_decay, max_steps,
-               warmup_steps, accelerator):
+               warmup_steps, accelerator, augmentation):
     base = args.model_name_or_path
     is_hub_id = base is not None and not os.path.isdir(base) and base.count("/") == 1
     rows = [f"| {r['epoch']} | {r['accuracy'] * 100:.2f} | " +
@@ -635,18 +680,23 @@ def write_card(args, config, folder, final, data_description, total_batch, peak_
         learning_rate=f"{peak_lr:.3g}", layer_decay=layer_decay if layer_decay is not None else "none",
         weight_decay=args.weight_decay, drop_path_rate=config.drop_path_rate, label_smoothing=args.label_smoothing,
         mixup=args.mixup, cutmix=args.cutmix, mixed_precision=accelerator.mixed_precision,
+        augmentation=augmentation, pooling=(
+            "LayerNorm of the mean patch token (fc_norm, no final norm)" if config.use_fc_norm else
+            "the normalised CLS token" if config.encoder_type == "vit" and config.pooling == "cls" else
+            "mean of the final-normalised tokens"),
         best_epoch=best["epoch"], best_accuracy=f"{best['accuracy'] * 100:.2f}",
         best_top5=f"{best['top5_accuracy'] * 100:.2f}" if "top5_accuracy" in best else None,
         results_rows="\n".join(rows), seed=args.seed,
     )
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     results, _ = run(argv)
     best = results["best"]
     print(json.dumps({"best_accuracy": best["accuracy"], "best_epoch": best["epoch"],
                       **({"best_top5_accuracy": best["top5_accuracy"]} if "top5_accuracy" in best else {})}))
+    return 1 if results.get("hub_push_failed") else 0  # the model is saved locally either way
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

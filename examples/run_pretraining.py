@@ -23,7 +23,6 @@ What it guarantees:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
@@ -48,6 +47,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 
 from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling  # noqa: E402
 from simmim_hf.configuration_simmim import PRESETS  # noqa: E402
+from simmim_hf.data import decode_image  # noqa: E402
 from simmim_hf.image_processing_simmim import SimMIMImageProcessor  # noqa: E402
 from simmim_hf.optimization import SCHEDULES, LayerDecayLRScheduler, build_param_groups  # noqa: E402
 from simmim_hf.training_utils import (  # noqa: E402
@@ -234,24 +234,6 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 # =================================================================================================== data
-def _decode_image(value):
-    """Decode one `datasets.Image(decode=False)` cell ({'bytes', 'path'}) or a PIL image; None if unreadable.
-
-    Decoding here rather than in `datasets` lets one corrupt file cost one sample (counted in the log)
-    instead of crashing a dataloader worker hours into a run."""
-    from PIL import Image
-
-    try:
-        if isinstance(value, Image.Image):
-            return value.convert("RGB")
-        data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (None, value)
-        image = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
-        image.load()  # force the full decode now: truncated files fail here, not in the processor
-        return image.convert("RGB")
-    except Exception:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        return None
-
-
 def _sample_key(value, index: int | None) -> int:
     if index is not None:
         return index
@@ -281,7 +263,7 @@ class MIMDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         value = self.ds[int(index)][self.image_column]
-        return {"image": _decode_image(value), "key": int(index), "epoch": self.epoch}
+        return {"image": decode_image(value), "key": int(index), "epoch": self.epoch}
 
 
 class StreamingMIMDataset(IterableDataset):
@@ -306,7 +288,7 @@ class StreamingMIMDataset(IterableDataset):
             skip = 0
             for example in stream:
                 value = example[self.image_column]
-                yield {"image": _decode_image(value), "key": _sample_key(value, None), "epoch": epoch}
+                yield {"image": decode_image(value), "key": _sample_key(value, None), "epoch": epoch}
             epoch += 1
 
 
@@ -658,7 +640,7 @@ def main(argv=None) -> int:
         if train_len else []
     vis_batch = None
     if vis_examples:
-        vis_batch = eval_collator([{"image": _decode_image(e[image_column]), "key": i, "epoch": 0}
+        vis_batch = eval_collator([{"image": decode_image(e[image_column]), "key": i, "epoch": 0}
                                    for i, e in enumerate(vis_examples)])
         vis_batch = {k: v.to(accelerator.device) for k, v in vis_batch.items()}
 

@@ -127,6 +127,12 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     dicts) and refuses every other global. Returns the unpickled object (usually a dict).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"`checkpoint` {str(path)!r} is a directory; an official SimMIM checkpoint is one file (.pth, .pt, .bin, "
+            ".ckpt or .safetensors): pass the file inside it. (A transformers model folder converts with "
+            "--source transformers / convert_transformers_checkpoint.)"
+        )
     if not path.is_file():
         raise ValueError(f"`checkpoint` must be an existing file; got {str(path)!r}, which does not exist.")
     if path.suffix == ".safetensors":
@@ -191,9 +197,30 @@ def _count_indices(state_dict: dict, pattern: str) -> int:
     return len(indices)
 
 
+# The paper masks 32 px units at 192 px (a 6x6 grid of units); below that the unit shrinks with the image.
+_PAPER_MASK_PATCH_SIZE, _PAPER_IMAGE_SIZE, _MIN_MASK_UNITS_PER_SIDE = 32, 192, 4
+
+
 def _default_mask_patch_size(image_size: int, patch_size: int) -> int:
-    """The paper's 32 px masking unit when the resolution allows it, otherwise the model patch."""
-    return 32 if image_size % 32 == 0 and 32 % patch_size == 0 else patch_size
+    """A masking unit that leaves enough units for `mask_ratio` to mean something.
+
+    At >= 192 px the paper's 32 px unit (or the valid unit closest to it); below, the unit scales with the
+    image (`32 * image_size / 192`, the paper's 6x6 grid of units), always a multiple of the model patch that
+    divides the image and leaves at least 4x4 units. (A 32 px unit on a 32 px image is one unit: every image
+    would be masked 100 %.) Refuses, with the way out, when even the model patch leaves fewer than 4x4 units.
+    """
+    target = _PAPER_MASK_PATCH_SIZE if image_size >= _PAPER_IMAGE_SIZE else \
+        _PAPER_MASK_PATCH_SIZE * image_size / _PAPER_IMAGE_SIZE
+    candidates = [m for m in range(patch_size, image_size + 1, patch_size)
+                  if image_size % m == 0 and image_size // m >= _MIN_MASK_UNITS_PER_SIDE]
+    if not candidates:
+        raise ValueError(
+            f"Cannot choose a default mask_patch_size for image_size={image_size}, patch_size={patch_size}: even "
+            f"the model patch leaves {image_size // patch_size}x{image_size // patch_size} masking units (fewer than "
+            f"{_MIN_MASK_UNITS_PER_SIDE}x{_MIN_MASK_UNITS_PER_SIDE}), too few for mask_ratio to hold. Pass "
+            "mask_patch_size=... (--mask_patch_size) explicitly."
+        )
+    return min(candidates, key=lambda m: (abs(m - target), -m))
 
 
 def _merge_overrides(inferred: dict, overrides: dict, source: str) -> dict:
@@ -475,18 +502,44 @@ def convert_official_checkpoint(path: str | Path, **overrides) -> SimMIMForMaske
     model = SimMIMForMaskedImageModeling(config)
     renamed = _split_fused_qkv_bias(_rename(state_dict, rules, origin))
     renamed = _check_and_drop_buffers(model, renamed, origin)
-    _load_strict(model, renamed, origin)
+    _load_strict(model, renamed, origin, _source_names(state_dict, rules))
     return model.eval()
 
 
-def _load_strict(model: torch.nn.Module, state_dict: dict, origin: str) -> None:
-    result = model.load_state_dict(state_dict, strict=False)
+def _source_names(state_dict: dict, rules: list) -> dict:
+    """simmim_hf name -> the checkpoint's own name (for error messages), as `_rename` and
+    `_split_fused_qkv_bias` map them."""
+    names = {}
+    for key in state_dict:
+        for pattern, replacement in rules:
+            if re.match(pattern, key):
+                new = re.sub(pattern, replacement, key, count=1)
+                names[new] = key
+                if new.endswith("attention.qkv.bias"):
+                    names.update({new[: -len("qkv.bias")] + f"{n}_bias": key for n in "qkv"})
+                break
+    return names
+
+
+def _load_strict(model: torch.nn.Module, state_dict: dict, origin: str, names: dict | None = None) -> None:
+    names = names or {}
     expected = {key: value.shape for key, value in model.state_dict().items()}
+    # Checked before loading: `load_state_dict` raises a bare RuntimeError on the first size mismatch.
     mismatched = [k for k, v in state_dict.items() if k in expected and tuple(expected[k]) != tuple(v.shape)]
-    if result.missing_keys or result.unexpected_keys or mismatched:
+    if mismatched:
+        details = "; ".join(
+            (f"{names[k]!r} (simmim_hf {k!r})" if names.get(k, k) != k else repr(k))
+            + f": expected shape {tuple(expected[k])}, got {tuple(state_dict[k].shape)}"
+            for k in mismatched[:10])
+        raise ValueError(
+            f"{origin}: {len(mismatched)} tensor(s) do not have the shape the inferred architecture needs "
+            f"({details}). The checkpoint is inconsistent (edited or truncated?) or not a SimMIM model."
+        )
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"{origin} does not fit the inferred architecture: missing {result.missing_keys[:10]}, "
-            f"unexpected {result.unexpected_keys[:10]}, mismatched shapes {mismatched[:10]}."
+            f"unexpected {result.unexpected_keys[:10]}."
         )
 
 
@@ -629,7 +682,8 @@ def convert_transformers_checkpoint(model_or_path, **overrides) -> SimMIMForMask
     Args:
         model_or_path: a model instance, or a folder / Hub id that `from_pretrained` can load.
         **overrides: non-architecture `SimMIMConfig` fields, e.g. `mask_patch_size`, `mask_ratio`
-            (defaults: 32 px masking units when the resolution allows, and 0.6).
+            (defaults: 32 px masking units at >= 192 px, smaller units scaled with the image below that,
+            see `_default_mask_patch_size`; and 0.6).
 
     ViT converts to the plain-ViT options (absolute positions, full qkv bias, no LayerScale, CLS pooling),
     Swin to Swin v1; the separate q/k/v projections are concatenated into the fused qkv projection.
@@ -665,6 +719,11 @@ def _load_transformers_model(path):
     from transformers import AutoConfig, SwinForMaskedImageModeling, ViTForMaskedImageModeling
 
     local = Path(path)
+    if local.is_file():
+        raise ValueError(
+            f"`checkpoint` {str(path)!r} is a file; --source transformers expects a model folder (with config.json) "
+            "or a Hub id. An official SimMIM .pth converts with --source official."
+        )
     if local.exists() and not (local / "config.json").is_file():
         raise ValueError(f"`checkpoint` {str(path)!r} is not a transformers model folder (no config.json).")
     try:
@@ -706,7 +765,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="official: .pth/.bin/.safetensors file; transformers: model folder or Hub id")
     parser.add_argument("--output", required=True, help="folder to write (save_pretrained layout)")
-    parser.add_argument("--mask_patch_size", type=int, help="masking unit in pixels (default: checkpoint config or 32)")
+    parser.add_argument("--mask_patch_size", type=int,
+                        help="masking unit in pixels (default: checkpoint config, else 32 at >= 192 px and "
+                             "scaled with the image below, leaving at least 4x4 units)")
     parser.add_argument("--mask_ratio", type=float, help="fraction of masked units (default: checkpoint config or 0.6)")
     parser.add_argument("--image_size", type=int, help="official only, when the weights do not reveal it")
     parser.add_argument("--num_attention_heads", type=int, help="official ViT without relative position bias only")

@@ -31,6 +31,7 @@ Two ways to make the stream reproducible and different across DataLoader workers
 
 from __future__ import annotations
 
+import io
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -101,6 +102,78 @@ class SimMIMTransform:
         return out
 
 
+def decode_image(value):
+    """Decode one image cell: a `datasets.Image(decode=False)` value ({'bytes', 'path'}), a path or a PIL image.
+    Returns an RGB PIL image, or None when the file cannot be read (truncated, corrupt, missing).
+
+    Decoding in the collator rather than inside `datasets` lets one corrupt file cost one sample (replaced and
+    counted) instead of crashing a dataloader worker hours into a run."""
+    from PIL import Image
+
+    try:
+        if isinstance(value, Image.Image):
+            return value.convert("RGB")
+        data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (None, value)
+        image = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
+        image.load()  # force the full decode now: truncated files fail here, not in the processor
+        return image.convert("RGB")
+    except Exception:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        return None
+
+
+class SimMIMCollator:
+    r"""
+    DataLoader `collate_fn` over raw dataset rows: decode the images (`decode_image`), replace unreadable ones
+    by readable rows of the same batch (image and kept columns together, so labels stay right; the batch size
+    stays fixed so DDP ranks stay in step), and run the processor with per-sample seeds.
+
+    Args:
+        processor (`SimMIMImageProcessor`): the processor to apply.
+        seed (`int`, *optional*): base seed of the per-sample seeds `sample_seed(seed, epoch, row[index_column])`.
+        image_column, index_column (`str`): row keys of the image cell and of the stable dataset index.
+        keep_columns (`Sequence[str]`): other row keys to stack into tensors (`"label"` becomes `labels`).
+        **processor_kwargs: per-call processor arguments, e.g. `do_train=True, return_mask=False`.
+
+    Returns a dict with `pixel_values`, `bool_masked_pos` (when masks are produced), the kept columns and
+    `num_unreadable` (a 0-d tensor: how many rows of this batch were replaced).
+    """
+
+    def __init__(self, processor: SimMIMImageProcessor, seed: int | None = None, image_column: str = "image",
+                 index_column: str = "index", keep_columns: Sequence[str] = (), **processor_kwargs):
+        for name in ("seed", "generator", "return_tensors"):
+            if name in processor_kwargs:
+                raise ValueError(f"`{name}` is managed by SimMIMCollator; got {name}={processor_kwargs[name]!r}.")
+        self.processor = processor
+        self.seed = seed
+        self.image_column = image_column
+        self.index_column = index_column
+        self.keep_columns = tuple(keep_columns)
+        self.processor_kwargs = processor_kwargs
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the per-sample seeds are drawn for (before the epoch's iterator is created)."""
+        self.epoch = int(epoch)
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        if len(rows) == 0:
+            raise ValueError("`rows` is empty; got an empty batch.")
+        images = [decode_image(row[self.image_column]) for row in rows]
+        readable = [i for i, image in enumerate(images) if image is not None]
+        if not readable:
+            raise RuntimeError(f"All {len(rows)} images of a batch are unreadable; check the dataset.")
+        chosen = [i if images[i] is not None else readable[k % len(readable)] for k, i in enumerate(range(len(rows)))]
+        seeds = None
+        if self.seed is not None:
+            seeds = [sample_seed(self.seed, self.epoch, int(rows[i][self.index_column])) for i in chosen]
+        out = dict(self.processor([images[i] for i in chosen], return_tensors="pt", seed=seeds,
+                                  **self.processor_kwargs))
+        for column in self.keep_columns:
+            out["labels" if column == "label" else column] = torch.as_tensor([rows[i][column] for i in chosen])
+        out["num_unreadable"] = torch.tensor(len(rows) - len(readable))
+        return out
+
+
 def simmim_collate_fn(examples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
     """Stack per-example outputs of `SimMIMTransform` into the model's batch dict: `pixel_values` float
     `(B, 3, H, W)`, `bool_masked_pos` bool `(B, N)` (if present) and any other keys (e.g. `labels` from a
@@ -139,4 +212,4 @@ def seed_worker(worker_id: int, rank: int | None = None) -> None:
     random.seed(seed)
 
 
-__all__ = ["SimMIMTransform", "sample_seed", "seed_worker", "simmim_collate_fn"]
+__all__ = ["SimMIMCollator", "SimMIMTransform", "decode_image", "sample_seed", "seed_worker", "simmim_collate_fn"]

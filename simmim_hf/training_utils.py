@@ -10,8 +10,11 @@
   every rank saves at the same step and the script exits cleanly.
 * `NonFiniteGuard`: skips optimizer steps whose gradients are not finite, without a host sync per step,
   and stops after N in a row.
-* `HubPusher`: background uploads with retries; failures are logged, never raised, never delete anything
-  local; the token is never logged or written.
+* `HubPusher`: creates the repo up front (a deterministic failure such as offline mode, a bad repo id or a
+  missing/read-only token raises `HubPusher.PushError` before any training), then uploads in the background,
+  retrying only transient errors (connection, timeout, 408/429/5xx); upload failures are recorded in `errors`
+  (the scripts exit 1 after saving everything locally), never delete anything local; the token is never
+  logged or written.
 * `write_model_card`: renders a `model_cards/*.md` template with `huggingface_hub.ModelCard`.
 
 This module is not Hub-facing (it is not copied next to the weights), so it may import `accelerate`.
@@ -422,8 +425,8 @@ class HubPusher:
         except Exception as err:  # noqa: BLE001 - network errors come in many types
             msg = self._describe(err)
             if not self.is_transient(err):
-                raise HubPusher.PushError(
-                    f"Cannot create the Hub repo {repo_id!r}: {msg}. {self._hint(err)}".rstrip()) from None
+                reason = f"Cannot create the Hub repo {repo_id!r}: {msg.rstrip('.')}. {self._hint(err)}"
+                raise HubPusher.PushError(reason.rstrip()) from None
             logger.warning("Hub create_repo of %s failed (%s); retrying in the background while training goes on.",
                            repo_id, msg)
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")

@@ -162,3 +162,54 @@ def test_eval_every_epochs_evaluates_and_checkpoints_together(run_finetune, tmp_
     assert [r["epoch"] for r in results["history"]] == [1, 2]  # every 2nd epoch and the last
     steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "e" / "checkpoints").glob("checkpoint-*"))
     assert steps == [6, 9]
+
+
+def test_a_truncated_jpeg_is_replaced_and_counted_not_a_crash(run_finetune, tmp_path):
+    """Same policy as pretraining: an unreadable image costs one sample (replaced within its batch, with its
+    label) and is counted, instead of an OSError from inside `datasets`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 3)):
+        for label in ("a", "b"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                shade = 40 if label == "a" else 200
+                pixels = np.clip(rng.normal(shade, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    good = (tmp_path / "train" / "a" / "0.jpg").read_bytes()
+    (tmp_path / "train" / "a" / "0.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    (tmp_path / "val" / "b" / "0.jpg").write_bytes(good[: len(good) // 3])
+    results, _ = run_finetune.run(["--preset", "vit-nano-p4-32", "--train_dir", str(tmp_path / "train"),
+                                   "--validation_dir", str(tmp_path / "val"), "--output_dir", str(tmp_path / "out"),
+                                   "--num_train_epochs", "2", "--per_device_train_batch_size", "4", "--seed", "0",
+                                   "--learning_rate", "1e-3", "--warmup_epochs", "1"])
+    assert results["unreadable_train_images"] == 2  # the one bad file, seen once per epoch
+    assert [r["unreadable_images"] for r in results["history"]] == [1, 1]
+    assert results["train_samples"] == 12 and results["eval_samples"] == 6
+
+
+def test_collator_replaces_unreadable_rows_with_their_labels():
+    from simmim_hf import SimMIMImageProcessor
+    from simmim_hf.data import SimMIMCollator
+
+    processor = SimMIMImageProcessor.from_config(SimMIMConfig.from_preset("vit-nano-p4-32"))
+    from PIL import Image
+
+    rows = [{"image": Image.new("RGB", (32, 32), (255, 0, 0)), "label": 0, "index": 0},
+            {"image": {"bytes": b"not an image", "path": None}, "label": 1, "index": 1},
+            {"image": Image.new("RGB", (32, 32), (0, 0, 255)), "label": 2, "index": 2}]
+    batch = SimMIMCollator(processor, seed=0, keep_columns=("label",), do_train=False)(rows)
+    assert batch["pixel_values"].shape == (3, 3, 32, 32) and int(batch["num_unreadable"]) == 1
+    assert batch["labels"].tolist() == [0, 2, 2]  # the replacement carries its own label
+    torch.testing.assert_close(batch["pixel_values"][1], batch["pixel_values"][2])
+    with pytest.raises(RuntimeError, match="unreadable"):
+        SimMIMCollator(processor)([rows[1]])
+
+
+def test_model_card_states_the_augmentation_and_the_features(run_finetune, tmp_path):
+    run_finetune.run(["--preset", "vit-nano-p4-32", "--output_dir", str(tmp_path / "o"), *TINY])
+    card = (tmp_path / "o" / "best" / "README.md").read_text()
+    assert "RandAugment rand-m9-mstd0.5-inc1" in card and "4-px padded" in card and "pixel" in card
+    assert "fc_norm" in card

@@ -266,7 +266,7 @@ def test_unreadable_images_are_replaced_and_counted():
     from simmim_hf.sample_data import load_sample_images
 
     script = _load_script()
-    assert script._decode_image({"bytes": b"\x89PNG not really", "path": None}) is None
+    assert script.decode_image({"bytes": b"\x89PNG not really", "path": None}) is None
     processor = SimMIMImageProcessor.from_config(SimMIMConfig.from_preset("vit-nano-p4-32"))
     image = load_sample_images()[0]
     batch = script.MIMCollator(processor, seed=0)(
