@@ -139,3 +139,101 @@ def test_resume_with_another_batch_size_is_refused(tmp_path):
                expect_rc=1)
     assert "per_device_train_batch_size: 4 in the checkpoint, 2 now" in log
     assert "max_train_steps: 4 in the checkpoint, 6 now" in log
+
+
+# ------------------------------------------------------------------------------------------- kills everywhere
+class Killed(BaseException):
+    """A stand-in for SIGKILL: not an Exception, so no cleanup code of the manager can catch it."""
+
+
+def _kill_at(monkeypatch, k: int) -> list[str]:
+    """Make the k-th filesystem mutation of a save raise `Killed`; returns the log of operations seen."""
+    log: list[str] = []
+
+    def wrap(name, real):
+        def op(*args, **kwargs):
+            log.append(f"{name} {Path(args[0]).name}")
+            if len(log) == k + 1:
+                raise Killed(log[-1])
+            return real(*args, **kwargs)
+        return op
+
+    monkeypatch.setattr(training_utils.os, "replace", wrap("replace", training_utils.os.replace))
+    monkeypatch.setattr(training_utils.shutil, "rmtree", wrap("rmtree", training_utils.shutil.rmtree))
+    monkeypatch.setattr(training_utils, "atomic_write_text", wrap("write", training_utils.atomic_write_text))
+
+    def save_state(self, folder, safe_serialization=True):
+        log.append(f"save_state {Path(folder).name}")
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        if len(log) == k + 1:
+            (Path(folder) / "model.safetensors").write_text("torn")  # half-written weights
+            raise Killed(log[-1])
+        (Path(folder) / "model.safetensors").write_text(self.tag)
+
+    monkeypatch.setattr(FakeAccelerator, "save_state", save_state)
+    return log
+
+
+@pytest.mark.parametrize("same_step", [False, True], ids=["new-step", "same-step"])
+@pytest.mark.parametrize("total_limit", [None, 1])
+def test_a_kill_at_every_filesystem_step_of_a_save_leaves_a_complete_resumable_checkpoint(
+        tmp_path, monkeypatch, same_step, total_limit):
+    """Enumerate every mutation a save makes (state write, marker, renames, pointer, deletions) and kill there:
+    `latest` must always resolve to a complete checkpoint whose weights are those of its step, and the next
+    save must succeed."""
+    new_step = 2 if same_step else 4
+    k = 0
+    while True:
+        root = tmp_path / f"{k}"
+        manager = CheckpointManager(FakeAccelerator(), root, total_limit=total_limit)
+        save(manager, 2, "step 2")
+        with monkeypatch.context() as patch:
+            log = _kill_at(patch, k)
+            try:
+                save(manager, new_step, f"step {new_step}")
+                finished = True
+            except Killed:
+                finished = False
+        fresh = CheckpointManager(FakeAccelerator(), root, total_limit=total_limit)
+        latest = fresh.resolve("latest")
+        assert latest is not None, f"kill at {log[-1]!r}: nothing to resume"
+        step = json.loads((latest / COMPLETE_MARKER).read_text())["step"]
+        assert (latest / "model.safetensors").read_text() == f"step {step}", f"kill at {log[-1]!r}"
+        fresh.load(latest)
+        again = save(fresh, 6, "step 6")  # the resumed run checkpoints normally afterwards
+        assert fresh.resolve("latest") == again and (again / "model.safetensors").read_text() == "step 6"
+        if finished:
+            break
+        k += 1
+    assert k >= 4  # the sequence really had several kill points
+
+
+def test_real_sigkills_at_several_points_resume_to_identical_weights(tmp_path):
+    """kill -9 at several moments of a run that checkpoints every step (so kills land in and around saves);
+    `--resume_from_checkpoint latest` must always finish with the uninterrupted run's weights."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from test_pretraining import _env, _max_diff
+
+    args = [*TINY, "--max_train_steps", "6", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"]
+    _run([sys.executable, str(SCRIPT), "--output_dir", str(tmp_path / "full"), *args], tmp_path / "full.txt")
+    expected = _weights(tmp_path / "full")
+    for n, delay in enumerate((0.0, 0.03, 0.1)):
+        out = tmp_path / f"killed{n}"
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), "--output_dir", str(out), *args], env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        target = 2 + n  # kill shortly after checkpoint-(2+n) starts appearing
+        while time.time() < deadline and proc.poll() is None and not any(
+                (out / "checkpoints").glob(f"*checkpoint-{target}")):
+            time.sleep(0.005)
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *args, "--resume_from_checkpoint", "latest"],
+             tmp_path / f"resume{n}.txt")
+        assert _max_diff(_weights(out), expected) <= 1e-6, f"kill {n} (after checkpoint-{target} + {delay} s)"
