@@ -221,6 +221,7 @@ class CheckpointManager:
         """`None` -> no resume. `"latest"` -> the newest *complete* checkpoint under output_dir (half-written
         ones are skipped with a warning; none at all -> a warning and a fresh start). A path -> that
         checkpoint, which must be complete (a clear error otherwise)."""
+        self._refresh_latest_pointer()
         if not resume_from_checkpoint:
             return None
         if resume_from_checkpoint == "latest":
@@ -244,6 +245,17 @@ class CheckpointManager:
                 "probably written by a run killed mid-save. Pass an earlier checkpoint or `latest`."
             )
         return path
+
+    def _refresh_latest_pointer(self) -> None:
+        # The `latest` file is for people and tools (resolution lists the folders): a kill between the rename
+        # and the pointer update leaves it one checkpoint behind, so it is brought up to date here.
+        if not getattr(self.accelerator, "is_main_process", True):
+            return
+        complete = self.list_checkpoints()
+        pointer = self.root / LATEST_FILE
+        if complete and complete[-1].name.startswith(CHECKPOINT_PREFIX) and (
+                not pointer.is_file() or pointer.read_text(encoding="utf-8").strip() != complete[-1].name):
+            atomic_write_text(pointer, complete[-1].name + "\n")
 
     def check_settings(self, path: str | os.PathLike) -> None:
         """Raise a ValueError naming every setting that differs from the one `path` was saved with."""

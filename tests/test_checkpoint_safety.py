@@ -237,3 +237,22 @@ def test_real_sigkills_at_several_points_resume_to_identical_weights(tmp_path):
         _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *args, "--resume_from_checkpoint", "latest"],
              tmp_path / f"resume{n}.txt")
         assert _max_diff(_weights(out), expected) <= 1e-6, f"kill {n} (after checkpoint-{target} + {delay} s)"
+
+
+def test_the_latest_pointer_catches_up_with_the_newest_checkpoint(tmp_path, monkeypatch):
+    manager = CheckpointManager(FakeAccelerator(), tmp_path)
+    save(manager, 2, "step 2")
+    real_write = training_utils.atomic_write_text
+
+    def killed_before_the_pointer(path, text):
+        if Path(path).name == "latest":
+            raise Killed("pointer")
+        return real_write(path, text)
+
+    monkeypatch.setattr(training_utils, "atomic_write_text", killed_before_the_pointer)
+    with pytest.raises(Killed):
+        save(manager, 4, "step 4")
+    monkeypatch.setattr(training_utils, "atomic_write_text", real_write)
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "checkpoint-2"  # lagging
+    assert CheckpointManager(FakeAccelerator(), tmp_path).resolve("latest").name == "checkpoint-4"
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "checkpoint-4"
