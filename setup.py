@@ -3,7 +3,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 EXAMPLES = ["tqdm", "tensorboard", "scikit-learn>=1.3", "scikit-image>=0.22"]
-DEV = ["pytest>=8", *EXAMPLES]
+DEV = ["pytest>=8", "hypothesis>=6", *EXAMPLES]
 
 setup(
     name="simmim_hf",

@@ -7,11 +7,54 @@ Hub-facing module: it is copied next to the weights for `trust_remote_code`, so 
 from __future__ import annotations
 
 import copy
+import inspect
+import math
 
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 
 ENCODER_TYPES = ("vit", "swin")
 POOLING_TYPES = ("mean", "cls")
+
+# Field types, checked before anything is derived from them (a string `mlp_ratio` would otherwise be repeated,
+# not multiplied, and a Swin MLP sized from it asks for petabytes). Bools are rejected where numbers are expected.
+_INT_FIELDS = ("image_size", "patch_size", "num_channels", "mask_patch_size", "num_hidden_layers",
+               "num_attention_heads", "embed_dim", "window_size")
+_OPTIONAL_INT_FIELDS = ("hidden_size", "intermediate_size")
+_BOOL_FIELDS = ("qkv_bias", "use_absolute_position_embeddings", "use_relative_position_bias", "patch_norm",
+                "use_fc_norm")
+_OPTIONAL_BOOL_FIELDS = ("use_key_bias", "use_shared_relative_position_bias")
+# Real-valued fields: (the range they must lie in, as a check, and as words for the error message).
+_REAL_FIELDS = {
+    "hidden_dropout_prob": (lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)"),
+    "attention_probs_dropout_prob": (lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)"),
+    "drop_path_rate": (lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)"),
+    "mask_ratio": (lambda v: 0.0 < v < 1.0, "must lie strictly between 0 and 1"),
+    "mlp_ratio": (lambda v: v > 0, "must be a positive number"),
+    "initializer_range": (lambda v: v > 0, "must be a positive number"),
+    "layer_norm_eps": (lambda v: v > 0, "must be a positive number"),
+    "layer_scale_init_value": (lambda v: v >= 0, "must be a number >= 0 (0 disables LayerScale)"),
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    """A finite int or float (not a bool, not a string): what a JSON number becomes."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        isinstance(value, int) or math.isfinite(value)
+    )
+
+
+def _mlp_width(dim: int, mlp_ratio: float) -> int:
+    """`int(dim * mlp_ratio)`, the MLP width the models build; a named error where it overflows."""
+    try:
+        return int(dim * mlp_ratio)
+    except OverflowError:
+        raise ValueError(f"SimMIMConfig: `mlp_ratio` gives an infinite MLP width (int({dim} * mlp_ratio)); "
+                         f"got mlp_ratio={mlp_ratio!r}.") from None
 
 # Named recipes. The paper's pretraining configs (microsoft/SimMIM `configs/*pretrain*`), the ViT-B
 # fine-tuning variant, and tiny models for demos and tests (32 px images, a few thousand parameters).
@@ -67,7 +110,10 @@ class SimMIMConfig(PretrainedConfig):
     reconstruction head and the masking recipe the image processor follows.
 
     Field names follow transformers' `ViTConfig` / `SwinConfig`. Fields that belong to the other encoder
-    type are kept but unused.
+    type are kept but unused. Every field is checked, also those of the other encoder type, at construction and
+    when a config is loaded (`from_pretrained` / `from_dict`, keyword overrides included): a wrong type (`"16"`,
+    `16.0` or `true` where an integer is meant, `"0.5"` for a number), a value out of range or an unknown
+    `hidden_act` raises a `ValueError` naming the field.
 
     Args:
         encoder_type (`str`, defaults to `"vit"`): `"vit"` (BEiT-style ViT of the SimMIM paper) or `"swin"` (Swin v1).
@@ -158,8 +204,8 @@ class SimMIMConfig(PretrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.embed_dim = embed_dim
-        self.depths = list(depths)
-        self.num_heads = list(num_heads)
+        self.depths = list(depths) if isinstance(depths, (list, tuple)) else depths
+        self.num_heads = list(num_heads) if isinstance(num_heads, (list, tuple)) else num_heads
         self.window_size = window_size
         self.mlp_ratio = mlp_ratio
         self.hidden_act = hidden_act
@@ -174,11 +220,16 @@ class SimMIMConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.mask_patch_size = mask_patch_size
         self.mask_ratio = mask_ratio
+        # The optional fields as given (None = derive), for the type checks below.
+        self.hidden_size, self.intermediate_size, self.layer_norm_eps = hidden_size, intermediate_size, layer_norm_eps
+        self.use_key_bias, self.use_shared_relative_position_bias = use_key_bias, use_shared_relative_position_bias
+        self.use_fc_norm = use_fc_norm
 
         if encoder_type not in ENCODER_TYPES:
             raise ValueError(
                 f"SimMIMConfig: `encoder_type` must be one of {ENCODER_TYPES}; got encoder_type={encoder_type!r}."
             )
+        self._validate_types()
         is_vit = encoder_type == "vit"
         if use_key_bias is None:
             use_key_bias = not is_vit
@@ -195,7 +246,7 @@ class SimMIMConfig(PretrainedConfig):
         if is_vit:
             self.hidden_size = hidden_size if hidden_size is not None else 768
             self.intermediate_size = (
-                intermediate_size if intermediate_size is not None else int(self.hidden_size * mlp_ratio)
+                intermediate_size if intermediate_size is not None else _mlp_width(self.hidden_size, mlp_ratio)
             )
         else:
             self.hidden_size = int(embed_dim * 2 ** (len(self.depths) - 1))
@@ -233,10 +284,9 @@ class SimMIMConfig(PretrainedConfig):
             fail("image_size", f"must be divisible by mask_patch_size={self.mask_patch_size}", self.image_size)
         if self.mask_patch_size % self.patch_size:
             fail("mask_patch_size", f"must be a multiple of patch_size={self.patch_size}", self.mask_patch_size)
-        if not 0.0 < float(self.mask_ratio) < 1.0:
-            fail("mask_ratio", "must lie strictly between 0 and 1", self.mask_ratio)
-        if not 0.0 <= float(self.drop_path_rate) < 1.0:
-            fail("drop_path_rate", "must lie in [0, 1)", self.drop_path_rate)
+        for field, (in_range, expected) in _REAL_FIELDS.items():
+            if not _is_real(getattr(self, field)) or not in_range(getattr(self, field)):
+                fail(field, expected, getattr(self, field))
         if self.pooling not in POOLING_TYPES:
             fail("pooling", f"must be one of {POOLING_TYPES}", self.pooling)
         if self.encoder_type == "vit":
@@ -245,9 +295,12 @@ class SimMIMConfig(PretrainedConfig):
             self._validate_swin(fail)
 
     def _validate_vit(self, fail) -> None:
-        if self.hidden_size <= 0 or self.num_hidden_layers <= 0 or self.num_attention_heads <= 0:
-            fail("hidden_size/num_hidden_layers/num_attention_heads", "must be positive",
-                 (self.hidden_size, self.num_hidden_layers, self.num_attention_heads))
+        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+            if getattr(self, field) <= 0:
+                fail(field, "must be positive", getattr(self, field))
+        if self.intermediate_size <= 0:
+            fail("intermediate_size", f"must be positive (given, or int(hidden_size * mlp_ratio) = "
+                 f"int({self.hidden_size} * {self.mlp_ratio}))", self.intermediate_size)
         if self.hidden_size % self.num_attention_heads:
             fail("num_attention_heads", f"must divide hidden_size={self.hidden_size}", self.num_attention_heads)
         if self.use_fc_norm and self.pooling != "mean":
@@ -264,6 +317,14 @@ class SimMIMConfig(PretrainedConfig):
             fail("num_heads", f"must have one entry per stage ({len(self.depths)} stages)", self.num_heads)
         if self.window_size <= 0:
             fail("window_size", "must be a positive integer", self.window_size)
+        if self.embed_dim <= 0:
+            fail("embed_dim", "must be a positive integer", self.embed_dim)
+        if _mlp_width(self.embed_dim, self.mlp_ratio) <= 0 or _mlp_width(self.hidden_size, self.mlp_ratio) <= 0:
+            fail("mlp_ratio", f"must give an MLP width int(embed_dim * mlp_ratio) >= 1 (embed_dim={self.embed_dim})",
+                 self.mlp_ratio)
+        if self.intermediate_size is not None and self.intermediate_size <= 0:
+            fail("intermediate_size", "must be positive or None (Swin sizes its MLPs with mlp_ratio)",
+                 self.intermediate_size)
         if self.pooling == "cls":
             fail("pooling", "must be 'mean' for Swin, which has no CLS token", self.pooling)
         if self.use_fc_norm:
@@ -281,6 +342,49 @@ class SimMIMConfig(PretrainedConfig):
                 fail("window_size",
                      f"must divide the token grid of every stage; stage {stage} is {resolution}x{resolution}",
                      self.window_size)
+
+    def _validate_types(self) -> None:
+        """Types of every field (JSON can hold "16" or 16.0 or true where 16 is meant), before any arithmetic."""
+
+        def fail(field: str, expected: str, value) -> None:
+            raise ValueError(f"SimMIMConfig: `{field}` {expected}; got {field}={value!r}.")
+
+        for field in (*_INT_FIELDS, *_OPTIONAL_INT_FIELDS):
+            value = getattr(self, field)
+            if not (_is_int(value) or (value is None and field in _OPTIONAL_INT_FIELDS)):
+                fail(field, "must be a positive integer" + (" or None" if field in _OPTIONAL_INT_FIELDS else ""), value)
+        for field in ("depths", "num_heads"):
+            value = getattr(self, field)
+            if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
+                fail(field, "must be a list of positive integers (one per Swin stage)", value)
+        for field in (*_BOOL_FIELDS, *_OPTIONAL_BOOL_FIELDS):
+            value = getattr(self, field)
+            if not (isinstance(value, bool) or (value is None and field in _OPTIONAL_BOOL_FIELDS)):
+                fail(field, "must be true or false" + (" (or None)" if field in _OPTIONAL_BOOL_FIELDS else ""), value)
+        for field, (in_range, expected) in _REAL_FIELDS.items():
+            value = getattr(self, field)
+            if value is None and field == "layer_norm_eps":  # derived later
+                continue
+            if not _is_real(value) or not in_range(value):
+                fail(field, expected, value)
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            fail("hidden_act", f"must be one of transformers' activations {sorted(ACT2FN)}", self.hidden_act)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """As transformers', plus validation of keyword overrides. transformers builds the config with
+        `cls(**config_dict)` (validated in `__init__`, so a hand-edited config.json is checked) but then *assigns*
+        keyword overrides such as `from_pretrained(path, mask_ratio=0.5)` with setattr, bypassing `__init__`; a
+        config changed that way is rebuilt once through `__init__`, which checks it as a whole."""
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if kwargs.get("return_unused_kwargs") else result
+        if any(key in kwargs for key in cls._init_field_names()):
+            cls(**config.to_dict())
+        return result
+
+    @classmethod
+    def _init_field_names(cls) -> tuple[str, ...]:
+        return tuple(name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "kwargs"))
 
     # ------------------------------------------------------------------ presets
     @classmethod

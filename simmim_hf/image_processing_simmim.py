@@ -13,17 +13,20 @@ masked). It follows the official SimMIM data pipeline (microsoft/SimMIM, `data/d
 level, 2-3x faster); float and 16-bit images, and the evaluation resize, use PIL itself.
 
 Hub-facing module (copied next to the weights for `trust_remote_code`): it imports its sibling
-`masking` relatively and otherwise only torch, numpy, PIL and transformers.
+`masking` relatively and otherwise only torch, numpy, PIL and transformers (with its huggingface_hub).
 """
 
 from __future__ import annotations
 
 import math
+import operator
+import re
 from functools import lru_cache
 
 import numpy as np
 import PIL.Image
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_transforms import convert_to_rgb
@@ -33,7 +36,6 @@ from transformers.image_utils import (
     ChannelDimension,
     PILImageResampling,
     SizeDict,
-    infer_channel_dimension_format,
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
 
@@ -43,6 +45,16 @@ from .masking import SimMIMMaskGenerator, validate_mask_settings
 # scan becomes almost white), so they are rescaled to [0, 1] floats instead.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _FLOAT_ATOL = 1e-3  # float inputs may overshoot [0, 1] by this much (resampling / compression noise)
+# Evaluation resize: the shorter side goes to size / crop_pct, so crop_pct bounds how much it may upscale.
+_MIN_CROP_PCT = 0.1
+_MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range (negative seeds would alias 2**64 + seed)
+
+
+def _is_number(value) -> bool:
+    """A finite int or float, not a bool (and no OverflowError for huge ints)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        isinstance(value, int) or math.isfinite(value)
+    )
 
 
 class SimMIMImageProcessorKwargs(ImagesKwargs, total=False):
@@ -59,7 +71,8 @@ class SimMIMImageProcessorKwargs(ImagesKwargs, total=False):
     flip_prob (`float`, *optional*, defaults to 0.5):
         Probability of a horizontal flip in the pretraining transform.
     crop_pct (`float`, *optional*, defaults to 0.875):
-        Evaluation: the image is resized so that the crop covers `crop_pct` of it (224 -> 256 -> 224).
+        Evaluation: the image is resized so that the crop covers `crop_pct` of it (224 -> 256 -> 224). In
+        [0.1, 1]: the resized image is at least the crop and at most 10x its size.
     eval_resample (`PILImageResampling`, *optional*, defaults to `BICUBIC`):
         Resampling filter of the evaluation resize (`resample`, bilinear, is the pretraining crop's).
     patch_size (`int`, *optional*, defaults to 16):
@@ -72,7 +85,8 @@ class SimMIMImageProcessorKwargs(ImagesKwargs, total=False):
         `"random"` (the paper), `"block"` (BEiT-style block-wise) or `"central"` (the paper's ablation).
     seed (`int` or `list[int]`, *optional*):
         An int seeds one generator for the whole call. A list (one seed per image) makes image i's crop,
-        flip and mask a pure function of `seed[i]`, independent of the rest of the batch.
+        flip and mask a pure function of `seed[i]`, independent of the rest of the batch. Seeds are integers
+        in [0, 2**64 - 1] (torch's generator range); others raise a `ValueError`.
     generator (`torch.Generator`, *optional*):
         Generator to draw from (and advance) when `seed` is not given; default: torch's global generator.
     """
@@ -97,8 +111,12 @@ class SimMIMImageProcessor(PilBackend):
     Constructs a SimMIM image processor (PIL/numpy backend, CPU).
 
     Accepts a PIL image (any mode: RGB, L, LA, P, RGBA, CMYK, I;16, I, F, ...), a numpy array or torch
-    tensor (`(H, W)`, `(H, W, C)` or `(C, H, W)` with C in {1, 3, 4}; uint8, uint16, or float in [0, 1]),
-    or a list of them, of any sizes. Returns a [`BatchFeature`] with
+    tensor (`(H, W)`, `(H, W, C)` or `(C, H, W)` with C in {1, 3, 4}; uint8, uint16, or float in [0, 1],
+    any float dtype, bfloat16 and float16 included), or a list of them, of any sizes. The channel axis of a
+    3-d array is the first or last axis of size 1, 3 or 4; when both qualify, size 3 (RGB) wins over 1
+    (grey) over 4 (RGBA), and equal sizes follow the container's convention: numpy arrays are channels-last
+    (PIL, OpenCV), torch tensors channels-first (torchvision). So `(4, 4, 3)` is a 4x4 RGB image and
+    `(3, 4, 4)` one too; pass `input_data_format` to override. Returns a [`BatchFeature`] with
 
     - `pixel_values`: float32 `(B, 3, H, W)`, normalised with `image_mean` / `image_std`;
     - `bool_masked_pos`: bool `(B, (H / patch_size) * (W / patch_size))`, row-major, True = masked
@@ -151,7 +169,8 @@ class SimMIMImageProcessor(PilBackend):
         self._validate_simmim_kwargs(
             size=self.size, crop_scale=self.crop_scale, crop_ratio=self.crop_ratio, flip_prob=self.flip_prob,
             crop_pct=self.crop_pct, patch_size=self.patch_size, mask_patch_size=self.mask_patch_size,
-            mask_ratio=self.mask_ratio, mask_strategy=self.mask_strategy,
+            mask_ratio=self.mask_ratio, mask_strategy=self.mask_strategy, do_normalize=self.do_normalize,
+            image_mean=self.image_mean, image_std=self.image_std,
         )
 
     @classmethod
@@ -173,11 +192,35 @@ class SimMIMImageProcessor(PilBackend):
 
     # ------------------------------------------------------------------ validation
     def _standardize_kwargs(self, crop_scale=None, crop_ratio=None, **kwargs) -> dict:
-        kwargs = super()._standardize_kwargs(**kwargs)
+        for name in ("image_mean", "image_std"):  # one number stands for all three channels, as in transformers
+            if _is_number(kwargs.get(name)):
+                kwargs[name] = (float(kwargs[name]),) * 3
+        try:  # transformers' `get_size_dict` fails on some sizes with IndexError or an unnamed message
+            kwargs = super()._standardize_kwargs(**kwargs)
+        except (ValueError, TypeError, IndexError):
+            size = kwargs.get("size")
+            if size is None or isinstance(size, SizeDict):
+                raise  # not about `size`
+            raise ValueError(f"`size` must be an int, a (height, width) pair or a dict with keys 'height' and "
+                             f"'width', all positive ints; got size={size!r}.") from None
         # JSON turns the (min, max) pairs into lists; keep tuples so saved and loaded processors compare equal.
         kwargs["crop_scale"] = tuple(crop_scale) if isinstance(crop_scale, list) else crop_scale
         kwargs["crop_ratio"] = tuple(crop_ratio) if isinstance(crop_ratio, list) else crop_ratio
         return kwargs
+
+    def preprocess(self, images, *args, **kwargs) -> BatchFeature:
+        # transformers checks the types of its own arguments first (`validate_typed_dict`) and raises
+        # huggingface_hub's StrictDataclassError; report it as the named ValueError every other bad argument gives.
+        for name in ("image_mean", "image_std"):  # ints are fine here, as at construction (range checked later)
+            value = kwargs.get(name)
+            if _is_number(value) or (isinstance(value, (list, tuple)) and all(_is_number(v) for v in value)):
+                kwargs[name] = float(value) if _is_number(value) else [float(v) for v in value]
+        try:
+            return super().preprocess(images, *args, **kwargs)
+        except StrictDataclassError as error:
+            field = re.search(r"field '(\w+)'", str(error))
+            name = field.group(1) if field else "an argument"
+            raise ValueError(f"`{name}` has an unsupported type: {str(error).splitlines()[-1].strip()}") from None
 
     def _validate_preprocess_kwargs(self, **kwargs):
         super()._validate_preprocess_kwargs(**kwargs)
@@ -186,7 +229,8 @@ class SimMIMImageProcessor(PilBackend):
     @staticmethod
     def _validate_simmim_kwargs(
         size=None, crop_scale=None, crop_ratio=None, flip_prob=None, crop_pct=None, patch_size=None,
-        mask_patch_size=None, mask_ratio=None, mask_strategy=None, **kwargs,
+        mask_patch_size=None, mask_ratio=None, mask_strategy=None, do_normalize=None, image_mean=None,
+        image_std=None, seed=None, **kwargs,
     ) -> None:
         if size is None or size.height is None or size.width is None:
             raise ValueError(f"`size` must give the output height and width, e.g. 192 or "
@@ -196,7 +240,7 @@ class SimMIMImageProcessor(PilBackend):
         for name, value in (("crop_scale", crop_scale), ("crop_ratio", crop_ratio)):
             if (
                 not isinstance(value, (list, tuple)) or len(value) != 2
-                or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in value)
+                or not all(_is_number(v) and v > 0 for v in value)
                 or value[0] > value[1]
             ):
                 raise ValueError(f"`{name}` must be a (min, max) pair of positive numbers with min <= max; "
@@ -205,8 +249,27 @@ class SimMIMImageProcessor(PilBackend):
             raise ValueError(f"`crop_scale` is a fraction of the image area, at most 1; got crop_scale={crop_scale!r}.")
         if not isinstance(flip_prob, (int, float)) or not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"`flip_prob` must lie in [0, 1]; got flip_prob={flip_prob!r}.")
-        if not isinstance(crop_pct, (int, float)) or not 0.0 < crop_pct <= 1.0:
-            raise ValueError(f"`crop_pct` must lie in (0, 1]; got crop_pct={crop_pct!r}.")
+        if not _is_number(crop_pct) or not _MIN_CROP_PCT <= crop_pct <= 1.0:
+            raise ValueError(f"`crop_pct` must lie in [{_MIN_CROP_PCT}, 1] (the evaluation resize takes the shorter "
+                             f"side to size / crop_pct: at least the crop, at most 10x it); got crop_pct={crop_pct!r}.")
+        if do_normalize:
+            for name, value in (("image_mean", image_mean), ("image_std", image_std)):
+                positive = name == "image_std"
+                if (
+                    not isinstance(value, (list, tuple)) or len(value) != 3
+                    or not all(_is_number(v) and (v > 0 or not positive) for v in value)
+                ):
+                    raise ValueError(f"`{name}` must be 3 {'positive' if positive else 'finite'} numbers, one per RGB "
+                                     f"channel (or one number for all three); got {name}={value!r}.")
+        if seed is not None:
+            for value in seed if isinstance(seed, (list, tuple)) else (seed,):
+                try:
+                    valid = not isinstance(value, (bool, float)) and 0 <= operator.index(value) <= _MAX_SEED
+                except TypeError:
+                    valid = False
+                if not valid:
+                    raise ValueError(f"`seed` must be an integer in [0, 2**64 - 1] or a list of them (one per image); "
+                                     f"got seed={seed!r}.")
 
     # ------------------------------------------------------------------ input preparation
     def _prepare_images_structure(self, images, expected_ndims: int = 3) -> list:
@@ -238,7 +301,16 @@ class SimMIMImageProcessor(PilBackend):
         if isinstance(image, PIL.Image.Image):
             return _pil_to_working(image)
         if isinstance(image, torch.Tensor):
-            image = image.detach().cpu().numpy()
+            image = image.detach().cpu()
+            if image.is_floating_point() and image.dtype not in (torch.float32, torch.float64):
+                image = image.float()  # bfloat16, float16, float8: numpy has no (or a lossy) equivalent
+            try:
+                image = image.numpy()
+            except TypeError:
+                raise ValueError(
+                    f"`images` tensors must be uint8, uint16 or floating point; got dtype={image.dtype}."
+                ) from None
+            return _array_to_working(image, input_data_format, channels_first_on_tie=True)
         if not isinstance(image, np.ndarray):
             raise ValueError(
                 f"`images` must hold PIL images, numpy arrays or torch tensors; got {type(image).__name__}."
@@ -336,7 +408,25 @@ def _pil_to_working(image: PIL.Image.Image):
     return PIL.Image.fromarray(convert_to_rgb(image, return_numpy=True))
 
 
-def _array_to_working(array: np.ndarray, input_data_format=None):
+def _channel_axis_format(shape, channels_first_on_tie: bool) -> ChannelDimension:
+    """Where the channels of a 3-d array are: the first or last axis of size 1, 3 or 4. When both qualify, 3
+    (RGB) beats 1 (grey) beats 4 (RGBA); equal sizes go by `channels_first_on_tie` (torch tensors: first, as
+    torchvision; numpy arrays: last, as PIL/OpenCV). transformers' `infer_channel_dimension_format` always picks
+    the first axis, which reads a small (4, 4, 3) RGB image as a 4-channel 4x3 one."""
+    first, last = shape[0] in (1, 3, 4), shape[-1] in (1, 3, 4)
+    if not (first or last):
+        raise ValueError(f"`images` arrays must have 1, 3 or 4 channels, first or last; got an array of "
+                         f"shape {tuple(shape)}.")
+    if first and last:
+        rank = {3: 0, 1: 1, 4: 2}
+        if shape[0] == shape[-1]:
+            first = channels_first_on_tie
+        else:
+            first = rank[shape[0]] < rank[shape[-1]]
+    return ChannelDimension.FIRST if first else ChannelDimension.LAST
+
+
+def _array_to_working(array: np.ndarray, input_data_format=None, channels_first_on_tie: bool = False):
     if array.ndim == 2:
         array = array[..., None]
         input_data_format = ChannelDimension.LAST
@@ -344,11 +434,7 @@ def _array_to_working(array: np.ndarray, input_data_format=None):
         raise ValueError(f"`images` arrays must have shape (H, W), (H, W, C) or (C, H, W) with C in (1, 3, 4); "
                          f"got an array of shape {tuple(array.shape)}.")
     if input_data_format is None:
-        try:
-            input_data_format = infer_channel_dimension_format(array, num_channels=(1, 3, 4))
-        except ValueError:
-            raise ValueError(f"`images` arrays must have 1, 3 or 4 channels, first or last; got an array of "
-                             f"shape {tuple(array.shape)}.") from None
+        input_data_format = _channel_axis_format(array.shape, channels_first_on_tie)
     hwc = np.moveaxis(array, 0, -1) if ChannelDimension(input_data_format) == ChannelDimension.FIRST else array
     height, width, channels = hwc.shape
     if channels not in (1, 3, 4) or height == 0 or width == 0:

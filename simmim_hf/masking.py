@@ -124,8 +124,16 @@ class SimMIMMaskGenerator:
         block_aspect_ratio: float = 0.3,
     ):
         self.input_size = validate_mask_settings(input_size, patch_size, mask_patch_size, mask_ratio, strategy)
-        if not 0.0 < block_aspect_ratio <= 1.0:
+        if (
+            isinstance(block_aspect_ratio, bool) or not isinstance(block_aspect_ratio, (int, float))
+            or not 0.0 < block_aspect_ratio <= 1.0
+        ):
             raise ValueError(f"`block_aspect_ratio` must lie in (0, 1]; got block_aspect_ratio={block_aspect_ratio!r}.")
+        if (
+            isinstance(block_min_units, bool) or not isinstance(block_min_units, (int, np.integer))
+            or block_min_units < 1
+        ):
+            raise ValueError(f"`block_min_units` must be a positive integer; got block_min_units={block_min_units!r}.")
         self.patch_size = patch_size
         self.mask_patch_size = mask_patch_size
         self.mask_ratio = mask_ratio
@@ -167,6 +175,13 @@ class SimMIMMaskGenerator:
         """Sample the unit-level mask, bool of shape `(batch_size, H / mask_patch_size, W / mask_patch_size)`."""
         if generators is not None:
             batch_size = len(generators)
+            if batch_size == 0 or not all(isinstance(g, torch.Generator) for g in generators):
+                raise ValueError(f"`generators` must be a non-empty sequence of torch.Generator (one per image); "
+                                 f"got generators={generators!r}.")
+        elif isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer; got batch_size={batch_size!r}.")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"`generator` must be a torch.Generator or None; got generator={generator!r}.")
         if self.strategy == "random":
             masks = self._random(batch_size, generator, generators)
         elif self.strategy == "block":

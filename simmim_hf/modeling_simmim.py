@@ -642,13 +642,25 @@ class SimMIMModel(SimMIMPreTrainedModel):
         config = self.config
         if pixel_values is None:
             raise ValueError("`pixel_values` is required, of shape (batch, num_channels, height, width).")
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ValueError(f"`pixel_values` must be a torch.Tensor; got {type(pixel_values).__name__}.")
         if pixel_values.ndim != 4 or pixel_values.shape[1] != config.num_channels:
             raise ValueError(
                 f"`pixel_values` must have shape (batch, {config.num_channels}, height, width); "
                 f"got {tuple(pixel_values.shape)}."
             )
+        if pixel_values.shape[0] == 0:
+            raise ValueError(f"`pixel_values` must hold at least one image; got batch size 0 (shape "
+                             f"{tuple(pixel_values.shape)}).")
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                "`pixel_values` must be floating point: the model expects normalised float pixel values, "
+                f"(x / 255 - mean) / std as SimMIMImageProcessor returns them; got dtype={pixel_values.dtype}."
+            )
         height, width = pixel_values.shape[-2:]
         p = config.patch_size
+        if height < p or width < p:
+            raise ValueError(f"`pixel_values` height and width must be at least patch_size={p}; got {height}x{width}.")
         if height % p or width % p:
             raise ValueError(
                 f"`pixel_values` height and width must be divisible by patch_size={p}; got {height}x{width}."
@@ -659,7 +671,8 @@ class SimMIMModel(SimMIMPreTrainedModel):
                 config.use_shared_relative_position_bias
             if fixed and (height, width) != (config.image_size, config.image_size):
                 raise ValueError(
-                    f"This ViT's position embeddings/biases are sized for {config.image_size}x{config.image_size} "
+                    f"`pixel_values` must be {config.image_size}x{config.image_size} for this ViT: its position "
+                    f"embeddings/biases are sized for {config.image_size}x{config.image_size} "
                     f"images; got pixel_values of {height}x{width}. Load the checkpoint with the target "
                     "`image_size` to interpolate them (see `simmim_hf.transfer`)."
                 )
@@ -667,23 +680,38 @@ class SimMIMModel(SimMIMPreTrainedModel):
             stride = config.encoder_stride
             if height % stride or width % stride:
                 raise ValueError(
-                    f"Swin needs height and width divisible by patch_size * 2**(stages-1) = {stride}; "
-                    f"got {height}x{width}."
+                    f"`pixel_values` height and width must be divisible by Swin's patch_size * 2**(stages-1) = "
+                    f"{stride}; got {height}x{width}."
                 )
             for s in range(len(config.depths)):
                 h, w = grid[0] >> s, grid[1] >> s
                 for side in (h, w):
                     if side > config.window_size and side % config.window_size:
                         raise ValueError(
-                            f"Swin stage {s} has a {h}x{w} token grid, not divisible by "
+                            f"`pixel_values`: Swin stage {s} has a {h}x{w} token grid, not divisible by "
                             f"window_size={config.window_size}; got pixel_values of {height}x{width}."
                         )
                 if min(h, w) <= config.window_size < max(h, w):
                     raise ValueError(
-                        f"Swin stage {s} has a non-square {h}x{w} token grid smaller than the window "
+                        f"`pixel_values`: Swin stage {s} has a non-square {h}x{w} token grid smaller than the window "
                         f"({config.window_size}) on one side only; got pixel_values of {height}x{width}."
                     )
+                # The blocks of a stage partition it into windows of the size they were built with
+                # (`SimMIMSwinLayer`: min(window_size, the stage's side at config.image_size)), so a stage smaller
+                # than that window, or not a multiple of it, cannot be partitioned.
+                window = min(config.window_size, config.image_size // (p * 2**s))
+                if h % window or w % window:
+                    multiple = math.lcm(*(p * 2**t * min(config.window_size, config.image_size // (p * 2**t))
+                                          for t in range(len(config.depths))))
+                    raise ValueError(
+                        f"`pixel_values`: Swin stage {s} has a {h}x{w} token grid, but its blocks attend in "
+                        f"{window}x{window} windows, "
+                        f"so both sides must be multiples of {window}: height and width must be multiples of "
+                        f"{multiple} pixels for this model; got pixel_values of {height}x{width}."
+                    )
         if bool_masked_pos is not None:
+            if not isinstance(bool_masked_pos, torch.Tensor):
+                raise ValueError(f"`bool_masked_pos` must be a torch.Tensor; got {type(bool_masked_pos).__name__}.")
             expected = (pixel_values.shape[0], grid[0] * grid[1])
             if tuple(bool_masked_pos.shape) != expected:
                 raise ValueError(
