@@ -65,7 +65,7 @@ from simmim_hf.data import SimMIMCollator  # noqa: E402
 from simmim_hf.evaluation import LinearProbe  # noqa: E402
 from simmim_hf.image_processing_simmim import SimMIMImageProcessor  # noqa: E402
 from simmim_hf.metrics import load_metric  # noqa: E402
-from simmim_hf.optimization import SCHEDULES, LayerDecayLRScheduler, build_param_groups  # noqa: E402
+from simmim_hf.optimization import SCHEDULES, LayerDecayLRScheduler, build_param_groups, parse_milestones  # noqa: E402
 from simmim_hf.training_utils import CheckpointManager, HubPusher, PreemptionHandler, write_model_card  # noqa: E402
 from simmim_hf.transfer import load_pretrained_for_transfer  # noqa: E402
 
@@ -131,6 +131,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "norm (official); mean = mean of the final-normed tokens; cls; checkpoint = as saved. Swin "
                         "always averages its final-normed tokens; --linear_probe keeps the checkpoint's.")
     g.add_argument("--drop_path_rate", type=float, default=0.1, help="Stochastic depth (0.1 in the paper).")
+    g.add_argument("--config_overrides", type=str, default=None,
+                   help="Config changes in transformers' update_from_string syntax, lists allowed, e.g. "
+                        "'hidden_dropout_prob=0.1' (applied after the checkpoint's config and the flags above).")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute activations in the backward pass (less memory, ~30%% slower).")
     g.add_argument("--linear_probe", action="store_true",
                    help="Freeze the encoder; train a BatchNorm-free linear head on pooled features of --probe_layer.")
     g.add_argument("--probe_layer", type=int, default=None,
@@ -152,9 +157,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     g.add_argument("--lr_scheduler_type", type=str, default="cosine", choices=SCHEDULES, help="Schedule after warmup.")
-    g.add_argument("--lr_milestones", type=str, default=None, help="multistep: comma-separated epochs.")
+    g.add_argument("--lr_milestones", type=str, default=None,
+                   help="multistep: comma-separated epochs (fractions allowed), e.g. 30,60.")
     g.add_argument("--lr_gamma", type=float, default=0.1, help="multistep decay factor.")
     g.add_argument("--num_train_epochs", type=int, default=100, help="Training epochs.")
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help="Total optimizer steps; overrides --num_train_epochs (the last epoch may be partial).")
     g.add_argument("--warmup_epochs", type=float, default=20, help="Linear warmup in epochs.")
     g.add_argument("--max_grad_norm", type=float, default=5.0, help="Gradient clipping (0 disables).")
     g.add_argument("--label_smoothing", type=float, default=None, help="Default 0.1 (fine-tuning), 0 (linear probe).")
@@ -220,6 +228,14 @@ def _validate_args(parser, args) -> None:
         fail(f"--rand_augment: {err}")
     if args.lr_scheduler_type == "multistep" and not args.lr_milestones:
         fail("--lr_scheduler_type multistep needs --lr_milestones (epochs), e.g. --lr_milestones 30,60.")
+    try:
+        parse_milestones(args.lr_milestones)
+    except ValueError as err:
+        fail(f"--lr_milestones: {err}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        fail(f"--max_train_steps must be >= 1 (or unset); got {args.max_train_steps}.")
+    if args.num_train_epochs < 1:
+        fail(f"--num_train_epochs must be >= 1; got {args.num_train_epochs}.")
     if args.label_smoothing is None:
         args.label_smoothing = 0.0 if args.linear_probe else 0.1
     if not 0.0 <= args.label_smoothing < 1.0:
@@ -333,6 +349,11 @@ def build_model(args, num_labels: int, label_names: list[str]):
         config_dict.pop(key, None)
     config_dict.update(overrides)
     config = SimMIMConfig(**config_dict)
+    if args.config_overrides:
+        try:
+            config = config.with_overrides(args.config_overrides)
+        except ValueError as err:
+            raise ValueError(f"--config_overrides: {err}") from None
 
     model = SimMIMForImageClassification(config)
     report = None
@@ -473,6 +494,10 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
     num_classes = len(label_names)
 
     model, config, report = build_model(args, num_classes, label_names)
+    if args.gradient_checkpointing and not args.linear_probe:
+        # transformers >= 5.24 renamed it (the old name still works there, with a FutureWarning).
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     # The official code replaces RandomResizedCrop with a 4-px padded random crop at 32 px and below (CIFAR style),
     # and evaluates such images without the resize / center crop.
     small = config.image_size <= 32
@@ -513,9 +538,10 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
     optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     steps_per_epoch = math.ceil(math.ceil(len(train_ds) / args.per_device_train_batch_size / accelerator.num_processes)
                                 / args.gradient_accumulation_steps)
-    max_steps = steps_per_epoch * args.num_train_epochs
+    max_steps = args.max_train_steps or steps_per_epoch * args.num_train_epochs
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
     warmup_steps = min(max_steps, int(round(args.warmup_epochs * steps_per_epoch)))
-    milestones = [int(e) * steps_per_epoch for e in args.lr_milestones.split(",")] if args.lr_milestones else ()
+    milestones = parse_milestones(args.lr_milestones, steps_per_epoch)
     lr_scheduler = LayerDecayLRScheduler(
         optimizer, num_training_steps=max_steps, num_warmup_steps=warmup_steps, schedule=args.lr_scheduler_type,
         base_lr=peak_lr, warmup_lr=args.warmup_lr * lr_ratio if args.learning_rate is None else 0.0,
@@ -529,7 +555,7 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
     # What an epoch-granular checkpoint's position and schedule mean; resuming under other values is refused.
     manager = CheckpointManager(accelerator, output_dir, total_limit=args.checkpoints_total_limit, settings={
         "per_device_train_batch_size": args.per_device_train_batch_size, "num_processes": accelerator.num_processes,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps, "num_train_epochs": args.num_train_epochs,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps, "max_train_steps": max_steps,
         "train_samples": len(train_ds), "peak_lr": peak_lr, "warmup_steps": warmup_steps, "seed": args.seed,
         "lr_scheduler_type": args.lr_scheduler_type, "linear_probe": args.linear_probe})
     start_epoch, best, history = 0, {"accuracy": -1.0, "epoch": None}, []
@@ -554,7 +580,7 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
     unreadable = torch.zeros((), device=accelerator.device, dtype=torch.long)
     preempted = False
     model.train()
-    for epoch in range(start_epoch, args.num_train_epochs):
+    for epoch in range(start_epoch, num_epochs):
         train_collator.set_epoch(epoch)
         # accelerate's DataLoaderShard re-applies its own epoch counter to the sampler at every `iter()`; a
         # resumed run must set it, or the counter restarts at 0 and the resumed epochs replay epoch 0's order.
@@ -592,13 +618,15 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
             if preemption.should_stop():
                 preempted = True
                 break
+            if global_step >= max_steps:
+                break  # --max_train_steps reached inside the last epoch
         if preempted:
             # Mid-epoch state cannot be resumed at epoch granularity: the last epoch checkpoint stays latest.
             logger.warning(f"Received signal {preemption.received} during epoch {epoch}; stopping. Resume with "
                            "--resume_from_checkpoint latest (restarts this epoch from its beginning).")
             break
 
-        if (epoch + 1) % args.eval_every_epochs and epoch + 1 < args.num_train_epochs:
+        if (epoch + 1) % args.eval_every_epochs and epoch + 1 < num_epochs:
             continue  # evaluation, saving and the resume checkpoint happen together, every N epochs
         results = evaluate_model(model, eval_loader, accelerator, num_classes)
         results["epoch"] = epoch
@@ -613,7 +641,7 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
         manager.save(global_step, {"epoch": epoch, "best": best, "history": history})
     preemption.restore()
 
-    final = {"best": best, "last": history[-1] if history else None, "history": history,
+    final = {"best": best, "last": history[-1] if history else None, "history": history, "epochs": num_epochs,
              "unreadable_train_images": int(accelerator.reduce(unreadable, "sum").item()),
              "train_samples": len(train_ds), "eval_samples": len(eval_ds), "num_classes": num_classes,
              "linear_probe": args.linear_probe, "preempted": preempted,
@@ -675,7 +703,7 @@ def write_card(args, config, folder, final, data_description, total_batch, peak_
         architecture=f"{config.encoder_type.upper()} ({'depths ' + str(config.depths) if config.encoder_type == 'swin' else str(config.num_hidden_layers) + ' blocks'}, width {config.hidden_size})",
         image_size=config.image_size, dataset_description=data_description,
         train_samples=final["train_samples"], eval_samples=final["eval_samples"], num_classes=final["num_classes"],
-        label_fraction=args.train_label_fraction, epochs=args.num_train_epochs, steps=max_steps,
+        label_fraction=args.train_label_fraction, epochs=final["epochs"], steps=max_steps,
         warmup_steps=warmup_steps, total_batch_size=total_batch, num_processes=accelerator.num_processes,
         learning_rate=f"{peak_lr:.3g}", layer_decay=layer_decay if layer_decay is not None else "none",
         weight_decay=args.weight_decay, drop_path_rate=config.drop_path_rate, label_smoothing=args.label_smoothing,

@@ -46,10 +46,10 @@ from accelerate.logging import get_logger  # noqa: E402
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed  # noqa: E402
 
 from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling  # noqa: E402
-from simmim_hf.configuration_simmim import PRESETS  # noqa: E402
+from simmim_hf.configuration_simmim import PRESETS, parse_config_overrides  # noqa: E402
 from simmim_hf.data import decode_image  # noqa: E402
 from simmim_hf.image_processing_simmim import SimMIMImageProcessor  # noqa: E402
-from simmim_hf.optimization import SCHEDULES, LayerDecayLRScheduler, build_param_groups  # noqa: E402
+from simmim_hf.optimization import SCHEDULES, LayerDecayLRScheduler, build_param_groups, parse_milestones  # noqa: E402
 from simmim_hf.training_utils import (  # noqa: E402
     CheckpointManager,
     HubPusher,
@@ -111,8 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--model_name_or_path", type=str, default=None,
                    help="Continue pretraining from these weights (folder or Hub id).")
     g.add_argument("--config_overrides", type=str, default=None,
-                   help="Comma-separated config changes, e.g. 'drop_path_rate=0.1,mask_ratio=0.5' (values "
-                        "parsed as JSON when possible).")
+                   help="Config changes in transformers' update_from_string syntax, lists allowed, e.g. "
+                        "'drop_path_rate=0.1,depths=[2,2,6,2]' (values parsed as JSON when possible).")
     g.add_argument("--trust_remote_code", action="store_true",
                    help="Allow model code from --model_name_or_path (needed for Hub checkpoints when simmim_hf "
                         "is not the installed source of the classes).")
@@ -224,13 +224,15 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         fail(f"--dataloader_num_workers must be >= 0; got {args.dataloader_num_workers}.")
     if args.hub_model_id and not args.push_to_hub:
         fail("--hub_model_id is only used with --push_to_hub.")
-    for name in ("debug_nonfinite_steps", "lr_milestones"):
-        value = getattr(args, name)
-        if value:
-            try:
-                [int(float(x)) for x in value.split(",")]
-            except ValueError:
-                fail(f"--{name} must be comma-separated numbers; got {value!r}.")
+    if args.debug_nonfinite_steps:
+        try:
+            [int(float(x)) for x in args.debug_nonfinite_steps.split(",")]
+        except ValueError:
+            fail(f"--debug_nonfinite_steps must be comma-separated numbers; got {args.debug_nonfinite_steps!r}.")
+    try:
+        parse_milestones(args.lr_milestones)
+    except ValueError as err:
+        fail(f"--lr_milestones: {err}")
 
 
 # =================================================================================================== data
@@ -393,23 +395,8 @@ def _default_num_workers(accelerator) -> int:
 
 
 # ================================================================================================ model
-def _parse_overrides(text: str | None) -> dict:
-    overrides = {}
-    for item in (text or "").split(","):
-        if not item.strip():
-            continue
-        if "=" not in item:
-            raise ValueError(f"--config_overrides: expected key=value, got {item!r}.")
-        key, value = (s.strip() for s in item.split("=", 1))
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
-
-
 def build_model_and_processor(args):
-    overrides = _parse_overrides(args.config_overrides)
+    overrides = parse_config_overrides(args.config_overrides) if args.config_overrides else {}
     if args.model_name_or_path:
         model = SimMIMForMaskedImageModeling.from_pretrained(
             args.model_name_or_path, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
@@ -429,16 +416,10 @@ def build_model_and_processor(args):
         source = args.preset or DEFAULT_PRESET
         config = SimMIMConfig.from_preset(source)
     if overrides:
-        unknown = [k for k in overrides if not hasattr(config, k)]
-        if unknown:
-            raise ValueError(f"--config_overrides: unknown SimMIMConfig field(s) {unknown}.")
-        values = config.to_dict()
-        # Derived fields are recomputed (a stale value would fail the consistency check).
-        for derived in ("encoder_stride",) + (("hidden_size",) if config.encoder_type == "swin" else ()):
-            if derived not in overrides:
-                values.pop(derived, None)
-        values.update(overrides)
-        config = SimMIMConfig.from_dict(values)
+        try:
+            config = config.with_overrides(overrides)
+        except ValueError as err:
+            raise ValueError(f"--config_overrides: {err}") from None
         source += f" ({args.config_overrides})"
     model = SimMIMForMaskedImageModeling(config)
     processor = SimMIMImageProcessor.from_config(config)
@@ -626,8 +607,7 @@ def main(argv=None) -> int:
     else:
         warmup_steps = round(args.warmup_epochs * (steps_per_epoch or 0))
     warmup_steps = min(warmup_steps, max_train_steps)
-    milestones = [int(float(m) * (steps_per_epoch or 1)) for m in args.lr_milestones.split(",")] \
-        if args.lr_milestones else []
+    milestones = parse_milestones(args.lr_milestones, steps_per_epoch)
     lr_scheduler = LayerDecayLRScheduler(
         optimizer, num_training_steps=max_train_steps, num_warmup_steps=warmup_steps,
         schedule=args.lr_scheduler_type, base_lr=peak_lr, warmup_lr=args.warmup_lr * lr_ratio,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 
 from transformers import PretrainedConfig
@@ -386,6 +387,31 @@ class SimMIMConfig(PretrainedConfig):
     def _init_field_names(cls) -> tuple[str, ...]:
         return tuple(name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "kwargs"))
 
+    # ------------------------------------------------------------------ overrides
+    def with_overrides(self, overrides: dict | str) -> "SimMIMConfig":
+        """A new, validated config with `overrides` applied: a dict, or a string in transformers'
+        `update_from_string` syntax (`"key=value,key=value"`) that also takes lists (`"depths=[2,2,6,2]"`).
+        Derived fields (`encoder_stride`, Swin `hidden_size`) are recomputed; unknown fields are an error."""
+        if isinstance(overrides, str):
+            overrides = parse_config_overrides(overrides, self)
+        fields = self._init_field_names()
+        unknown = sorted(key for key in overrides if key not in fields and not hasattr(self, key))
+        if unknown:
+            raise ValueError(f"Unknown SimMIMConfig field(s) {unknown} in the overrides; fields are {sorted(fields)}.")
+        values = self.to_dict()
+        for key in ("architectures", "auto_map", "transformers_version", "model_type", "_name_or_path"):
+            values.pop(key, None)
+        derived = ("encoder_stride",) + (("hidden_size",) if values.get("encoder_type") == "swin" else ())
+        for key in derived:
+            if key not in overrides:
+                values.pop(key, None)
+        values.update(overrides)
+        return type(self)(**values)
+
+    def update_from_string(self, update_str: str) -> None:
+        """transformers' in-place `update_from_string`, with lists and full validation (see `with_overrides`)."""
+        self.__dict__.update(self.with_overrides(update_str).__dict__)
+
     # ------------------------------------------------------------------ presets
     @classmethod
     def available_presets(cls) -> list[str]:
@@ -412,4 +438,33 @@ class SimMIMConfig(PretrainedConfig):
         return self.num_hidden_layers if self.encoder_type == "vit" else sum(self.depths)
 
 
-__all__ = ["SimMIMConfig", "PRESETS"]
+def parse_config_overrides(text: str, config: PretrainedConfig | None = None) -> dict:
+    """Parse `"key=value,key=value"` (transformers' `update_from_string` syntax) into a dict. Commas inside
+    brackets do not split (`depths=[2,2,6,2],num_heads=[3,6,12,24]`). Values are JSON where they parse as JSON
+    (numbers, `true`/`false`, `null`, lists); otherwise a `True`/`False` for a boolean field of `config`, else
+    the plain string (so `hidden_act=gelu` works). Types and ranges are checked by the config itself."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "(": 1, "]": -1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    overrides = {}
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise ValueError(f"Config overrides must be key=value pairs separated by commas; got {item!r} in {text!r}.")
+        try:
+            overrides[key] = json.loads(value.replace("(", "[").replace(")", "]"))
+        except json.JSONDecodeError:
+            is_bool_field = config is not None and isinstance(getattr(config, key, None), bool)
+            overrides[key] = value.lower() == "true" if is_bool_field and value.lower() in ("true", "false") else value
+    return overrides
+
+
+__all__ = ["SimMIMConfig", "PRESETS", "parse_config_overrides"]

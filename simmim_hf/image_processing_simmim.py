@@ -190,6 +190,27 @@ class SimMIMImageProcessor(PilBackend):
         settings.update(kwargs)
         return cls(**settings)
 
+    # ------------------------------------------------------------------ saving and loading
+    # `do_train` / `return_mask` pick a mode for the pretraining data pipeline; they are not saved. A saved or
+    # Hub processor therefore loads in evaluation mode (deterministic resize + center crop, no mask), so
+    # `AutoImageProcessor` and `pipeline(...)` give the same output for the same image; pretraining code asks
+    # for the training transform and the mask explicitly (`do_train=True`).
+    _MODE_KEYS = ("do_train", "return_mask")
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        for key in self._MODE_KEYS:
+            out.pop(key, None)
+        return out
+
+    @classmethod
+    def from_dict(cls, image_processor_dict: dict, **kwargs):
+        # Files written before the mode keys were dropped may still hold them: evaluation mode wins unless the
+        # caller asks otherwise.
+        image_processor_dict = {k: v for k, v in image_processor_dict.items() if k not in cls._MODE_KEYS}
+        kwargs.setdefault("do_train", False)
+        return super().from_dict(image_processor_dict, **kwargs)
+
     # ------------------------------------------------------------------ validation
     def _standardize_kwargs(self, crop_scale=None, crop_ratio=None, **kwargs) -> dict:
         for name in ("image_mean", "image_std"):  # one number stands for all three channels, as in transformers

@@ -240,7 +240,22 @@ class LayerDecayLRScheduler(LRScheduler):
         return [self.lr_at(self.last_epoch, group.get("lr_scale", 1.0)) for group in self.optimizer.param_groups]
 
 
+def parse_milestones(text: str | None, steps_per_epoch: int | None = None) -> list[int]:
+    """`--lr_milestones`: comma-separated epochs (fractions allowed, e.g. "1.5,3") -> optimizer steps
+    (`epoch x steps_per_epoch`, rounded down; with no `steps_per_epoch`, e.g. a stream, the numbers are steps)."""
+    if not text:
+        return []
+    try:
+        epochs = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"`lr_milestones` must be comma-separated numbers of epochs; got {text!r}.") from None
+    if any(not math.isfinite(e) or e < 0 for e in epochs):
+        raise ValueError(f"`lr_milestones` must be finite and >= 0; got {text!r}.")
+    return [int(e * (steps_per_epoch or 1)) for e in epochs]
+
+
 __all__ = [
+    "parse_milestones",
     "DEFAULT_NO_WEIGHT_DECAY_KEYWORDS",
     "LayerDecayLRScheduler",
     "build_optimizer",
