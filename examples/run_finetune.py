@@ -478,11 +478,8 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
     # background; the best model is pushed at the end.
     pusher = None
     if args.push_to_hub and accelerator.is_main_process:
-        try:
-            pusher = HubPusher(args.hub_model_id or output_dir.resolve().name, private=args.hub_private_repo or None)
-        except HubPusher.PushError as err:
-            raise SystemExit(f"--push_to_hub: {err}\nFix --hub_model_id / the login, or run without --push_to_hub "
-                             "(the output folder can be pushed later with `hf upload`). Nothing was trained.") from None
+        pusher = HubPusher.for_training_run(args.hub_model_id or output_dir.resolve().name,
+                                            private=args.hub_private_repo or None)
 
     # The image size is needed before the data (the digits are upsampled to it).
     probe_config = (SimMIMConfig.from_preset(args.preset) if args.preset else

@@ -503,11 +503,8 @@ def main(argv=None) -> int:
     # Transient failures are retried in the background while training runs.
     pusher, repo_id, push_failed = None, None, False
     if args.push_to_hub and accelerator.is_main_process:
-        try:
-            pusher = HubPusher(args.hub_model_id or output_dir.resolve().name, private=args.hub_private_repo or None)
-        except HubPusher.PushError as err:
-            raise SystemExit(f"--push_to_hub: {err}\nFix --hub_model_id / the login, or run without --push_to_hub "
-                             "(the output folder can be pushed later with `hf upload`). Nothing was trained.") from None
+        pusher = HubPusher.for_training_run(args.hub_model_id or output_dir.resolve().name,
+                                            private=args.hub_private_repo or None)
         repo_id = pusher.repo_id
 
     ckpt = CheckpointManager(accelerator, output_dir, args.checkpoints_total_limit)

@@ -45,7 +45,29 @@ from .image_processing_simmim import SimMIMImageProcessor
 from .training_utils import sample_seed
 
 
-class SimMIMTransform:
+class _SeededProcessing:
+    """What `SimMIMTransform` and `SimMIMCollator` share: the processor, its per-call arguments, and the epoch
+    of the per-sample seeds `sample_seed(seed, epoch, index)`."""
+
+    def __init__(self, processor: SimMIMImageProcessor, seed: int | None, image_column: str,
+                 index_column: str | None, keep_columns: Sequence[str], processor_kwargs: dict):
+        for name in ("seed", "generator", "return_tensors"):
+            if name in processor_kwargs:
+                raise ValueError(f"`{name}` is managed by {type(self).__name__}; got {name}={processor_kwargs[name]!r}.")
+        self.processor = processor
+        self.image_column = image_column
+        self.seed = seed
+        self.index_column = index_column
+        self.keep_columns = tuple(keep_columns)
+        self.processor_kwargs = processor_kwargs
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the per-sample seeds are drawn for (call before creating the epoch's iterator)."""
+        self.epoch = int(epoch)
+
+
+class SimMIMTransform(_SeededProcessing):
     r"""
     On-the-fly transform for `Dataset.set_transform`: runs the processor on a batch of rows.
 
@@ -74,20 +96,7 @@ class SimMIMTransform:
         if seed is not None and index_column is None:
             raise ValueError(f"`index_column` is required with seed={seed!r}: per-sample seeds are derived from "
                              f"each row's dataset index; got index_column=None.")
-        for name in ("seed", "generator", "return_tensors"):
-            if name in processor_kwargs:
-                raise ValueError(f"`{name}` is managed by SimMIMTransform; got {name}={processor_kwargs[name]!r}.")
-        self.processor = processor
-        self.image_column = image_column
-        self.seed = seed
-        self.index_column = index_column
-        self.keep_columns = tuple(keep_columns)
-        self.processor_kwargs = processor_kwargs
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the per-sample seeds are drawn for (call before creating the epoch's iterator)."""
-        self.epoch = int(epoch)
+        super().__init__(processor, seed, image_column, index_column, keep_columns, processor_kwargs)
 
     def __call__(self, batch: Mapping[str, list]) -> dict:
         for column in (self.image_column, *self.keep_columns, *((self.index_column,) if self.seed is not None else ())):
@@ -121,7 +130,7 @@ def decode_image(value):
         return None
 
 
-class SimMIMCollator:
+class SimMIMCollator(_SeededProcessing):
     r"""
     DataLoader `collate_fn` over raw dataset rows: decode the images (`decode_image`), replace unreadable ones
     by readable rows of the same batch (image and kept columns together, so labels stay right; the batch size
@@ -140,20 +149,7 @@ class SimMIMCollator:
 
     def __init__(self, processor: SimMIMImageProcessor, seed: int | None = None, image_column: str = "image",
                  index_column: str = "index", keep_columns: Sequence[str] = (), **processor_kwargs):
-        for name in ("seed", "generator", "return_tensors"):
-            if name in processor_kwargs:
-                raise ValueError(f"`{name}` is managed by SimMIMCollator; got {name}={processor_kwargs[name]!r}.")
-        self.processor = processor
-        self.seed = seed
-        self.image_column = image_column
-        self.index_column = index_column
-        self.keep_columns = tuple(keep_columns)
-        self.processor_kwargs = processor_kwargs
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the per-sample seeds are drawn for (before the epoch's iterator is created)."""
-        self.epoch = int(epoch)
+        super().__init__(processor, seed, image_column, index_column, keep_columns, processor_kwargs)
 
     def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         if len(rows) == 0:

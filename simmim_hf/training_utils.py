@@ -414,6 +414,16 @@ class HubPusher:
     _DETERMINISTIC_WITHOUT_STATUS = ("RepositoryNotFoundError", "RevisionNotFoundError", "DisabledRepoError",
                                      "BadRequestError")
 
+    @classmethod
+    def for_training_run(cls, repo_id: str, private: bool | None = None) -> "HubPusher":
+        """The scripts' start-up: create the repo before anything else, and on a deterministic failure stop the
+        run with a message naming the flags (nothing has been trained or written yet)."""
+        try:
+            return cls(repo_id, private=private)
+        except cls.PushError as err:
+            raise SystemExit(f"--push_to_hub: {err}\nFix --hub_model_id / the login, or run without --push_to_hub "
+                             "(the output folder can be pushed later with `hf upload`). Nothing was trained.") from None
+
     def __init__(self, repo_id: str, private: bool | None = None, max_retries: int = 5,
                  backoff_seconds: float = 2.0, api=None):
         from huggingface_hub import HfApi

@@ -377,7 +377,8 @@ def test_save_load_roundtrip(tmp_path):
     for loaded in (SimMIMImageProcessor.from_pretrained(tmp_path), AutoImageProcessor.from_pretrained(tmp_path)):
         assert type(loaded) is SimMIMImageProcessor
         assert loaded.to_dict() == processor.to_dict()
-        a = loaded(rgb(40, 40), return_tensors="pt", seed=5)
+        assert loaded.do_train is False  # a saved processor loads in evaluation mode; training is asked for
+        a = loaded(rgb(40, 40), do_train=True, return_tensors="pt", seed=5)
         b = processor(rgb(40, 40), return_tensors="pt", seed=5)
         assert torch.equal(a["pixel_values"], b["pixel_values"])
         assert torch.equal(a["bool_masked_pos"], b["bool_masked_pos"])
@@ -403,7 +404,8 @@ def test_trust_remote_code_in_fresh_process(tmp_path):
         processor = AutoImageProcessor.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
         assert type(processor).__name__ == "SimMIMImageProcessor", type(processor)
         assert "simmim_hf" not in sys.modules
-        out = processor(np.load("image.npy"), return_tensors="pt", seed=[3])
+        assert "bool_masked_pos" not in processor(np.load("image.npy"), return_tensors="pt")  # evaluation mode
+        out = processor(np.load("image.npy"), do_train=True, return_tensors="pt", seed=[3])
         torch.save({{k: v for k, v in out.items()}}, "out.pt")
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}

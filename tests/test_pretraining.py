@@ -114,7 +114,8 @@ def test_main_job_writes_loadable_model_and_reconstruction_png(full_run):
     model = SimMIMForMaskedImageModeling.from_pretrained(out)
     processor = SimMIMImageProcessor.from_pretrained(out)
     images = [Image.new("RGB", (40, 48), (200, 30, 30))]
-    batch = processor(images, return_tensors="pt", seed=[0])
+    assert "bool_masked_pos" not in processor(images, return_tensors="pt")  # saved: evaluation mode
+    batch = processor(images, do_train=True, return_tensors="pt", seed=[0])
     loss = model(**batch).loss
     assert torch.isfinite(loss)
     results = json.loads((out / "all_results.json").read_text())
@@ -181,7 +182,7 @@ def test_push_to_hub_standin_holds_a_loadable_model(full_run):
         "model = AutoModelForMaskedImageModeling.from_pretrained(path, trust_remote_code=True)\n"
         "proc = AutoImageProcessor.from_pretrained(path, trust_remote_code=True)\n"
         "from PIL import Image\n"
-        "batch = proc([Image.new('RGB', (36, 36), (10, 200, 90))], return_tensors='pt', seed=[1])\n"
+        "batch = proc([Image.new('RGB', (36, 36), (10, 200, 90))], do_train=True, return_tensors='pt', seed=[1])\n"
         "out = model(**batch)\n"
         "assert torch.isfinite(out.loss) and out.reconstruction.shape == (1, 3, 32, 32)\n"
         "assert 'simmim_hf' not in sys.modules\n"

@@ -266,7 +266,7 @@ def test_converted_32px_model_masks_the_configured_ratio(tmp_path):
         save_converted(model, tmp_path / name)
         processor = SimMIMImageProcessor.from_pretrained(tmp_path / name)
         assert processor.mask_patch_size < 32, name
-        mask = processor(images, return_tensors="pt", seed=list(range(8)))["bool_masked_pos"]
+        mask = processor(images, do_train=True, return_tensors="pt", seed=list(range(8)))["bool_masked_pos"]
         assert abs(mask.float().mean().item() - model.config.mask_ratio) < 0.05, (name, mask.float().mean())
 
 
