@@ -17,8 +17,9 @@ Protocol (the same for every arm; nothing in it is tuned per arm):
   `fc_norm` mean pooling), `--labels_per_class` labelled train crops per photo, drawn per seed; the same
   budget, lr and labelled set for every arm within a seed. Reported: top-1 on the test crops at the *last*
   epoch (no selection on the test set).
-* Frozen features of each encoder (its pooled output, before any fine-tuning): weighted k-NN (k=20) and a
-  linear probe (`simmim_hf.evaluation`), trained on the same labelled crops, tested on the same test crops.
+* Frozen features of each encoder before any fine-tuning (the mean of its final-normalised patch tokens, the
+  same definition for every arm): weighted k-NN (k=20) and a linear probe (`simmim_hf.evaluation`), trained on
+  the same labelled crops, tested on the same test crops.
 * Seeds: each seed draws its own labelled subset and fine-tuning randomness; pretraining runs once per arm
   (`--pretrain_seed`), so the spread is the fine-tuning spread. Mean, std and the paired gain (pretrained minus
   scratch, same seed) are reported.
@@ -50,7 +51,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMModel  # noqa: E402
-from simmim_hf.evaluation import extract_features, knn_evaluate, linear_probe_evaluate  # noqa: E402
+from simmim_hf.evaluation import knn_evaluate, linear_probe_evaluate, pool_tokens  # noqa: E402
 from simmim_hf.image_processing_simmim import SimMIMImageProcessor  # noqa: E402
 from simmim_hf.optimization import LayerDecayLRScheduler, build_optimizer  # noqa: E402
 from simmim_hf.sample_data import SAMPLE_IMAGES, sample_image_files  # noqa: E402
@@ -61,7 +62,7 @@ CROP_SIDE = (0.15, 0.25)  # of the photo's shorter side, so a crop always fits t
 PRESET = "vit-nano-p4-32"
 # transformers' plain ViT (absolute positions, q/k/v biases, no LayerScale) in the same size.
 PLAIN = dict(use_absolute_position_embeddings=True, use_shared_relative_position_bias=False, use_key_bias=True,
-             layer_scale_init_value=0.0, layer_norm_eps=1e-12)
+             layer_scale_init_value=0.0, layer_norm_eps=1e-12, init_recipe="transformers")
 # arm -> (pretraining source, config overrides). Each arm is compared with random init of the same architecture.
 ARMS = {
     "paper": ("simmim_hf", {}),
@@ -196,16 +197,23 @@ def draw_curve(values, path: Path, title: str, size=(480, 300), margin=40) -> No
 
 # ============================================================================================== evaluation
 def frozen_feature_scores(model, config, train, test) -> dict:
+    """k-NN and linear-probe accuracy of the frozen encoder's features, defined the same way for every arm
+    (whatever pooling its config names): the mean of the final-normalised patch tokens."""
     processor = SimMIMImageProcessor.from_config(config)
+    encoder = getattr(model, "simmim", model).eval()
 
-    def batches(images, labels):
+    @torch.no_grad()
+    def features(images, labels):
+        pooled = []
         for start in range(0, len(images), 256):
             pixel_values = processor(images[start:start + 256], return_tensors="pt", do_train=False,
                                      crop_pct=1.0)["pixel_values"]
-            yield {"pixel_values": pixel_values, "labels": torch.tensor(labels[start:start + 256])}
+            tokens = encoder(pixel_values).last_hidden_state
+            pooled.append(pool_tokens(tokens, has_cls_token=config.encoder_type == "vit"))
+        return torch.cat(pooled), torch.tensor(labels)
 
-    train_x, train_y = extract_features(model, batches(*train))
-    test_x, test_y = extract_features(model, batches(*test))
+    train_x, train_y = features(*train)
+    test_x, test_y = features(*test)
     knn = knn_evaluate(train_x, train_y, test_x, test_y, k=20)
     probe = linear_probe_evaluate(train_x, train_y, test_x, test_y)
     return {"knn": knn["accuracy"], "linear_probe": probe["accuracy"]}

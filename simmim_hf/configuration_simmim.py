@@ -16,6 +16,7 @@ from transformers.activations import ACT2FN
 
 ENCODER_TYPES = ("vit", "swin")
 POOLING_TYPES = ("mean", "cls")
+INIT_RECIPES = ("simmim", "transformers")
 
 # Field types, checked before anything is derived from them (a string `mlp_ratio` would otherwise be repeated,
 # not multiplied, and a Swin MLP sized from it asks for petabytes). Bools are rejected where numbers are expected.
@@ -74,7 +75,7 @@ PRESETS: dict[str, dict] = {
         encoder_type="vit", image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
         num_attention_heads=12, intermediate_size=3072, use_absolute_position_embeddings=True,
         use_shared_relative_position_bias=False, use_key_bias=True, layer_scale_init_value=0.0,
-        pooling="cls", layer_norm_eps=1e-12,
+        pooling="cls", layer_norm_eps=1e-12, init_recipe="transformers",
     ),
     "swin-tiny-w6-192": dict(
         encoder_type="swin", image_size=192, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2],
@@ -141,6 +142,11 @@ class SimMIMConfig(PretrainedConfig):
         patch_norm (`bool`, defaults to `True`): Swin only; LayerNorm after the patch embedding.
         pooling (`str`, *optional*): classification features, `"mean"` of the patch tokens or `"cls"`
             (ViT only). Default `"mean"`.
+        init_recipe (`str`, defaults to `"simmim"`): weight initialisation. `"simmim"`: the official SimMIM code's
+            (pretraining ViT: normal truncated at +-1 std, 1/sqrt(2l) residual rescale; PyTorch's conv init for the
+            head). `"transformers"`: transformers' ViT/Swin `_init_weights` (truncated normal with std
+            `initializer_range` for every linear and conv layer, the head included; zero mask token; no rescale),
+            the recipe of the plain-ViT preset, under which a plain ViT pretrains better (see the quality benchmark).
         use_fc_norm (`bool`, defaults to `False`): ViT with `pooling="mean"` only; the official fine-tuning
             layout (`use_mean_pooling=True` there): no final LayerNorm on the tokens, and the pooled features are
             a LayerNorm (`fc_norm`) of the mean of the un-normalised patch tokens. Pretraining uses the final
@@ -191,6 +197,7 @@ class SimMIMConfig(PretrainedConfig):
         patch_norm: bool = True,
         pooling: str | None = None,
         use_fc_norm: bool = False,
+        init_recipe: str = "simmim",
         layer_norm_eps: float | None = None,
         initializer_range: float = 0.02,
         encoder_stride: int | None = None,
@@ -225,6 +232,7 @@ class SimMIMConfig(PretrainedConfig):
         self.hidden_size, self.intermediate_size, self.layer_norm_eps = hidden_size, intermediate_size, layer_norm_eps
         self.use_key_bias, self.use_shared_relative_position_bias = use_key_bias, use_shared_relative_position_bias
         self.use_fc_norm = use_fc_norm
+        self.init_recipe = init_recipe
 
         if encoder_type not in ENCODER_TYPES:
             raise ValueError(
@@ -290,6 +298,8 @@ class SimMIMConfig(PretrainedConfig):
                 fail(field, expected, getattr(self, field))
         if self.pooling not in POOLING_TYPES:
             fail("pooling", f"must be one of {POOLING_TYPES}", self.pooling)
+        if self.init_recipe not in INIT_RECIPES:
+            fail("init_recipe", f"must be one of {INIT_RECIPES}", self.init_recipe)
         if self.encoder_type == "vit":
             self._validate_vit(fail)
         else:

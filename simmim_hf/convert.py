@@ -571,6 +571,7 @@ def _common_fields(hf_config) -> dict:
         attention_probs_dropout_prob=hf_config.attention_probs_dropout_prob,
         layer_norm_eps=hf_config.layer_norm_eps, initializer_range=hf_config.initializer_range,
         qkv_bias=hf_config.qkv_bias, use_key_bias=hf_config.qkv_bias,
+        init_recipe="transformers",  # any tensor a later transfer leaves fresh is drawn as transformers would
     )
 
 

@@ -526,10 +526,31 @@ class SimMIMPreTrainedModel(PreTrainedModel):
     truncate_init_at_std: bool = False
 
     def _trunc_normal(self, tensor: torch.Tensor, std: float) -> None:
-        if self.truncate_init_at_std and self.config.encoder_type == "vit":
+        if self.truncate_init_at_std and self.config.encoder_type == "vit" and self.config.init_recipe == "simmim":
             init.trunc_normal_(tensor, std=std, a=-std, b=std)
         else:
             init.trunc_normal_(tensor, std=std)
+
+    def _init_as_transformers(self, module: nn.Module, std: float) -> bool:
+        """transformers' ViT/Swin `_init_weights` for the modules it differs on; True if `module` was handled."""
+        if isinstance(module, (nn.Linear, nn.Conv2d)):  # every one, the SimMIM head included
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            return True
+        if isinstance(module, (SimMIMViTEmbeddings, SimMIMSwinEmbeddings)):
+            init.zeros_(module.mask_token)
+            if isinstance(module, SimMIMViTEmbeddings):
+                init.trunc_normal_(module.cls_token, std=std)
+            if module.position_embeddings is not None:
+                init.trunc_normal_(module.position_embeddings, std=std)
+            return True
+        if isinstance(module, SimMIMViTLayer):  # LayerScale as configured, no residual rescale
+            if module.lambda_1 is not None:
+                init.constant_(module.lambda_1, self.config.layer_scale_init_value)
+                init.constant_(module.lambda_2, self.config.layer_scale_init_value)
+            return True
+        return False
 
     def _init_weights(self, module: nn.Module) -> None:
         """Initialisation of the official SimMIM code (timm-style truncated normal, std 0.02).
@@ -538,6 +559,8 @@ class SimMIMPreTrainedModel(PreTrainedModel):
         generic init (the ViT patch projection, the residual-branch rescale); `init.*` skips loaded tensors.
         """
         std = self.config.initializer_range
+        if self.config.init_recipe == "transformers" and self._init_as_transformers(module, std):
+            return
         if isinstance(module, nn.Linear):
             self._trunc_normal(module.weight, std)
             if module.bias is not None:
@@ -844,7 +867,8 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if module is self.classifier and isinstance(module, nn.Linear) and self.config.encoder_type == "vit":
+        if module is self.classifier and isinstance(module, nn.Linear) and self.config.encoder_type == "vit" \
+                and self.config.init_recipe == "simmim":
             # The official ViT classifier starts near zero (trunc-normal 0.02 x init_scale 0.001) so that the
             # first updates do not push large, random gradients into the pretrained encoder; Swin keeps 0.02.
             _scale_unless_loaded(module.weight, VIT_CLASSIFIER_INIT_SCALE)

@@ -159,3 +159,24 @@ def test_loading_does_not_rescale_or_reinitialise(tmp_path):
     classifier.save_pretrained(tmp_path / "cls")
     again = SimMIMForImageClassification.from_pretrained(tmp_path / "cls")
     torch.testing.assert_close(again.classifier.weight, classifier.classifier.weight, rtol=0, atol=0)
+
+
+def test_transformers_init_recipe_matches_transformers_vit_init():
+    """`init_recipe="transformers"` (the plain-ViT preset): every linear and conv layer, the SimMIM head
+    included, drawn from trunc-normal(0.02) with zero bias, a zero mask token, no residual rescale, no 1e-3
+    classifier scale."""
+    torch.manual_seed(0)
+    plain = dict(use_absolute_position_embeddings=True, use_shared_relative_position_bias=False, use_key_bias=True,
+                 layer_scale_init_value=0.0, init_recipe="transformers")
+    model = SimMIMForMaskedImageModeling(vit_config(**plain))
+    weights = {"head": model.decoder[0].weight, "patch": model.simmim.embeddings.projection.weight,
+               **{f"fc2 {i}": layer.mlp.fc2.weight for i, layer in enumerate(model.simmim.encoder.layers)}}
+    for name, weight in weights.items():
+        assert abs(weight.std().item() - STD) < 0.08 * STD, name
+        assert weight.abs().max().item() > 2 * STD, name  # not cut at one std
+    assert torch.all(model.decoder[0].bias == 0) and torch.all(model.simmim.embeddings.mask_token == 0)
+    classifier = SimMIMForImageClassification(vit_config(**plain, num_labels=64))
+    assert abs(classifier.classifier.weight.std().item() - STD) < 0.1 * STD
+    assert SimMIMConfig.from_preset("vit-base-p16-224-plain").init_recipe == "transformers"
+    with pytest.raises(ValueError, match="init_recipe"):
+        vit_config(init_recipe="timm")
