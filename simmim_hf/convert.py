@@ -37,6 +37,7 @@ import torch
 
 from .configuration_simmim import SimMIMConfig
 from .modeling_simmim import SimMIMForMaskedImageModeling
+from .transfer import square_side
 
 SOURCES = ("official", "transformers")
 
@@ -176,10 +177,10 @@ def _state_dict_of(checkpoint: Any, path: str | Path) -> dict[str, torch.Tensor]
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _square_side(count: int, what: str) -> int:
-    side = math.isqrt(count)
-    if side * side != count:
-        raise ValueError(f"Cannot infer the image size: {what} has {count} entries, not a square grid.")
-    return side
+    try:
+        return square_side(count, what)
+    except ValueError as err:
+        raise ValueError(f"Cannot infer the image size: {err}") from None
 
 
 def _table_side(rows: int, extra: int, what: str) -> int:

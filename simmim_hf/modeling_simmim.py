@@ -793,6 +793,13 @@ class SimMIMModel(SimMIMPreTrainedModel):
         )
 
 
+def pixel_mask(bool_masked_pos: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:
+    """Upsample a (B, (H/p)*(W/p)) patch mask to a (B, 1, H, W) float pixel mask (1 = masked)."""
+    b = bool_masked_pos.shape[0]
+    mask = bool_masked_pos.reshape(b, 1, height // patch_size, 1, width // patch_size, 1)
+    return mask.expand(-1, -1, -1, patch_size, -1, patch_size).reshape(b, 1, height, width).float()
+
+
 def masked_l1_loss(pixel_values: torch.Tensor, reconstruction: torch.Tensor, bool_masked_pos: torch.Tensor,
                    patch_size: int) -> torch.Tensor:
     """The official SimMIM loss: mean absolute error over the masked pixels and the channels.
@@ -800,9 +807,8 @@ def masked_l1_loss(pixel_values: torch.Tensor, reconstruction: torch.Tensor, boo
     bool_masked_pos (B, (H/p)*(W/p)) is upsampled to a pixel mask m (B, 1, H, W);
     loss = sum(|x - x_rec| * m) / (sum(m) + 1e-5) / channels.
     """
-    b, c, height, width = pixel_values.shape
-    mask = bool_masked_pos.reshape(b, 1, height // patch_size, 1, width // patch_size, 1)
-    mask = mask.expand(-1, -1, -1, patch_size, -1, patch_size).reshape(b, 1, height, width).float()
+    c, height, width = pixel_values.shape[1:]
+    mask = pixel_mask(bool_masked_pos, height, width, patch_size)
     # In float32 even under autocast: a bf16 sum over millions of pixels would lose the loss's precision.
     error = F.l1_loss(reconstruction.float(), pixel_values.float(), reduction="none")
     return (error * mask).sum() / (mask.sum() + 1e-5) / c
@@ -905,4 +911,5 @@ __all__ = [
     "SimMIMPooler",
     "SimMIMPreTrainedModel",
     "masked_l1_loss",
+    "pixel_mask",
 ]

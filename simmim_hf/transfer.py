@@ -66,10 +66,11 @@ class TransferReport:
 
 
 # ---------------------------------------------------------------------------------------------- tensors
-def _square_side(n: int, what: str) -> int:
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"{what}: expected a square number of grid entries; got {n}.")
+def square_side(count: int, what: str) -> int:
+    """Side of a square grid stored flat with `count` entries; a ValueError naming `what` otherwise."""
+    side = math.isqrt(count)
+    if side * side != count:
+        raise ValueError(f"{what}: expected a square number of grid entries; got {count}.")
     return side
 
 
@@ -87,8 +88,8 @@ def resize_relative_position_bias_table(
         raise ValueError(f"`table` must be (num_rows, heads); got shape {tuple(table.shape)}.")
     if table.shape[0] == dst_num_rows:
         return table
-    src_side = _square_side(table.shape[0] - num_extra_rows, "source relative position table")
-    dst_side = _square_side(dst_num_rows - num_extra_rows, "target relative position table")
+    src_side = square_side(table.shape[0] - num_extra_rows, "source relative position table")
+    dst_side = square_side(dst_num_rows - num_extra_rows, "target relative position table")
     grid = table[: table.shape[0] - num_extra_rows]
     extra = table[table.shape[0] - num_extra_rows:]
     heads = table.shape[1]
@@ -110,8 +111,8 @@ def resize_position_embeddings(
         return position_embeddings
     prefix = position_embeddings[:, :num_prefix_tokens]
     patches = position_embeddings[:, num_prefix_tokens:]
-    src_side = _square_side(patches.shape[1], "source position embeddings")
-    dst_side = _square_side(dst_num_positions - num_prefix_tokens, "target position embeddings")
+    src_side = square_side(patches.shape[1], "source position embeddings")
+    dst_side = square_side(dst_num_positions - num_prefix_tokens, "target position embeddings")
     channels = patches.shape[-1]
     grid = patches.float().reshape(1, src_side, src_side, channels).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(dst_side, dst_side), mode="bicubic", align_corners=False)

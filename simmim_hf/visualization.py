@@ -15,16 +15,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .modeling_simmim import pixel_mask  # the loss's definition: the grid greys exactly the pixels the loss counts
+
 COLUMNS = ("original", "masked input", "reconstruction", "pasted into visible")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def pixel_mask(bool_masked_pos: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:
-    """Upsample a (B, (H/p)*(W/p)) patch mask to a (B, 1, H, W) float pixel mask (1 = masked)."""
-    grid_h, grid_w = height // patch_size, width // patch_size
-    mask = bool_masked_pos.reshape(-1, grid_h, grid_w).float()
-    return mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
 
 
 def _to_uint8(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
