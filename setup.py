@@ -29,6 +29,8 @@ setup(
         "kornia>=0.7",
     ],
     extras_require={"examples": EXAMPLES, "dev": DEV},
+    # The training scripts stay `accelerate launch`-able files under examples/; the converter ships with the package.
+    entry_points={"console_scripts": ["simmim-convert = simmim_hf.convert:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

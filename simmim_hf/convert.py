@@ -760,7 +760,7 @@ def save_converted(model: SimMIMForMaskedImageModeling, output_dir: str | Path) 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m simmim_hf.convert",
+        prog="simmim-convert",
         description="Convert an official SimMIM or a transformers ViT/Swin MIM checkpoint into a simmim_hf folder.",
     )
     parser.add_argument("--source", required=True, help=f"one of {SOURCES}")
