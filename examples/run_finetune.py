@@ -66,7 +66,14 @@ from simmim_hf.evaluation import LinearProbe  # noqa: E402
 from simmim_hf.image_processing_simmim import SimMIMImageProcessor  # noqa: E402
 from simmim_hf.metrics import load_metric  # noqa: E402
 from simmim_hf.optimization import SCHEDULES, LayerDecayLRScheduler, build_param_groups, parse_milestones  # noqa: E402
-from simmim_hf.training_utils import CheckpointManager, HubPusher, PreemptionHandler, write_model_card  # noqa: E402
+from simmim_hf.training_utils import (  # noqa: E402
+    CheckpointManager,
+    HubPusher,
+    PreemptionHandler,
+    enable_gradient_checkpointing,
+    to_json,
+    write_model_card,
+)
 from simmim_hf.transfer import load_pretrained_for_transfer  # noqa: E402
 
 logger = get_logger(__name__)
@@ -344,11 +351,8 @@ def build_model(args, num_labels: int, label_names: list[str]):
             and args.vit_relative_position_bias == "per_block"):
         # The paper fine-tunes ViT with one relative bias table per block, each initialised from the shared one.
         overrides.update(use_shared_relative_position_bias=False, use_relative_position_bias=True)
-    config_dict = config.to_dict()
-    for key in ("architectures", "auto_map", "transformers_version", "model_type", "_name_or_path"):
-        config_dict.pop(key, None)
-    config_dict.update(overrides)
-    config = SimMIMConfig(**config_dict)
+    # The local SimMIMConfig class (the checkpoint's may be remote code), with the overrides validated as a whole.
+    config = SimMIMConfig.from_dict(config.to_dict()).with_overrides(overrides)
     if args.config_overrides:
         try:
             config = config.with_overrides(args.config_overrides)
@@ -492,9 +496,7 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
 
     model, config, report = build_model(args, num_classes, label_names)
     if args.gradient_checkpointing and not args.linear_probe:
-        # transformers >= 5.24 renamed it (the old name still works there, with a FutureWarning).
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
+        enable_gradient_checkpointing(model)
     # The official code replaces RandomResizedCrop with a 4-px padded random crop at 32 px and below (CIFAR style),
     # and evaluates such images without the resize / center crop.
     small = config.image_size <= 32
@@ -649,14 +651,7 @@ def run(argv=None) -> tuple[dict, torch.nn.Module]:
         logger.warning(f"{final['unreadable_train_images']} unreadable training image(s) were replaced by other "
                        "images of their batch (unreadable_train_images in all_results.json).")
     if accelerator.is_main_process:
-        def json_safe(value):  # non-finite floats (e.g. a diverged loss) as null: a bare NaN is not JSON
-            if isinstance(value, float) and not math.isfinite(value):
-                return None
-            if isinstance(value, dict):
-                return {k: json_safe(v) for k, v in value.items()}
-            return [json_safe(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-        (output_dir / "all_results.json").write_text(json.dumps(json_safe(final), indent=2, allow_nan=False))
+        (output_dir / "all_results.json").write_text(to_json(final))
         if not preempted and history and (output_dir / "best").is_dir():
             write_card(args, config, output_dir / "best", final, data_description, total_batch, peak_lr,
                        layer_decay, max_steps, warmup_steps, accelerator, augment_description)

@@ -57,8 +57,10 @@ from simmim_hf.training_utils import (  # noqa: E402
     PreemptionHandler,
     atomic_write_text,
     content_key,
+    enable_gradient_checkpointing,
     format_count,
     sample_seed,
+    to_json,
     write_model_card,
 )
 from simmim_hf.visualization import save_reconstruction_grid  # noqa: E402
@@ -529,9 +531,7 @@ def main(argv=None) -> int:
     model, processor, model_source = build_model_and_processor(args)
     config = model.config
     if args.gradient_checkpointing:
-        # transformers >= 5.24 renamed it (the old name still works there, with a FutureWarning).
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
+        enable_gradient_checkpointing(model)
 
     with accelerator.main_process_first():  # one process downloads / prepares, the others reuse the cache
         train_hf, eval_hf, image_column, data_description = load_data(args, accelerator)
@@ -833,8 +833,7 @@ def main(argv=None) -> int:
         processor.save_pretrained(output_dir)
         results = {"train_loss": last_loss, "eval_loss": last_eval_loss, "global_step": global_step,
                    "skipped_nonfinite_steps": guard.total_skipped, "stopped_early": stopped_early}
-        results = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in results.items()}
-        atomic_write_text(output_dir / "all_results.json", json.dumps(results, indent=2, allow_nan=False))
+        atomic_write_text(output_dir / "all_results.json", to_json(results))
         _write_card(args, output_dir, config, model_source, data_description, num_params, num_epochs,
                     global_step, total_batch_size, num_processes, peak_lr, warmup_steps, accelerator,
                     last_loss, last_eval_loss, repo_id)

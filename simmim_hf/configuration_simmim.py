@@ -249,7 +249,6 @@ class SimMIMConfig(PretrainedConfig):
             )
         self.use_shared_relative_position_bias = use_shared_relative_position_bias
         self.pooling = pooling if pooling is not None else "mean"
-        self.use_fc_norm = use_fc_norm
         self.layer_norm_eps = layer_norm_eps if layer_norm_eps is not None else (1e-6 if is_vit else 1e-5)
 
         if is_vit:
@@ -293,9 +292,6 @@ class SimMIMConfig(PretrainedConfig):
             fail("image_size", f"must be divisible by mask_patch_size={self.mask_patch_size}", self.image_size)
         if self.mask_patch_size % self.patch_size:
             fail("mask_patch_size", f"must be a multiple of patch_size={self.patch_size}", self.mask_patch_size)
-        for field, (in_range, expected) in _REAL_FIELDS.items():
-            if not _is_real(getattr(self, field)) or not in_range(getattr(self, field)):
-                fail(field, expected, getattr(self, field))
         if self.pooling not in POOLING_TYPES:
             fail("pooling", f"must be one of {POOLING_TYPES}", self.pooling)
         if self.init_recipe not in INIT_RECIPES:

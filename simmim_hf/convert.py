@@ -503,23 +503,17 @@ def convert_official_checkpoint(path: str | Path, **overrides) -> SimMIMForMaske
     model = SimMIMForMaskedImageModeling(config)
     renamed = _split_fused_qkv_bias(_rename(state_dict, rules, origin))
     renamed = _check_and_drop_buffers(model, renamed, origin)
-    _load_strict(model, renamed, origin, _source_names(state_dict, rules))
+    _load_strict(model, renamed, origin, _source_names(state_dict, rules, origin))
     return model.eval()
 
 
-def _source_names(state_dict: dict, rules: list) -> dict:
-    """simmim_hf name -> the checkpoint's own name (for error messages), as `_rename` and
-    `_split_fused_qkv_bias` map them."""
-    names = {}
-    for key in state_dict:
-        for pattern, replacement in rules:
-            if re.match(pattern, key):
-                new = re.sub(pattern, replacement, key, count=1)
-                names[new] = key
-                if new.endswith("attention.qkv.bias"):
-                    names.update({new[: -len("qkv.bias")] + f"{n}_bias": key for n in "qkv"})
-                break
-    return names
+def _source_names(state_dict: dict, rules: list, origin: str) -> dict:
+    """simmim_hf name -> the checkpoint's own name (for error messages): the names go through `_rename` itself,
+    and a fused `qkv.bias` stands for the q/k/v biases `_split_fused_qkv_bias` makes of it."""
+    names = _rename({key: key for key in state_dict}, rules, origin)
+    split = {new[: -len("qkv.bias")] + f"{n}_bias": old
+             for new, old in names.items() if new.endswith("attention.qkv.bias") for n in "qkv"}
+    return {**names, **split}
 
 
 def _load_strict(model: torch.nn.Module, state_dict: dict, origin: str, names: dict | None = None) -> None:

@@ -158,7 +158,7 @@ class SimMIMCollator(_SeededProcessing):
         readable = [i for i, image in enumerate(images) if image is not None]
         if not readable:
             raise RuntimeError(f"All {len(rows)} images of a batch are unreadable; check the dataset.")
-        chosen = [i if images[i] is not None else readable[k % len(readable)] for k, i in enumerate(range(len(rows)))]
+        chosen = [i if images[i] is not None else readable[i % len(readable)] for i in range(len(rows))]
         seeds = None
         if self.seed is not None:
             seeds = [sample_seed(self.seed, self.epoch, int(rows[i][self.index_column])) for i in chosen]

@@ -526,13 +526,14 @@ class SimMIMPreTrainedModel(PreTrainedModel):
     truncate_init_at_std: bool = False
 
     def _trunc_normal(self, tensor: torch.Tensor, std: float) -> None:
-        if self.truncate_init_at_std and self.config.encoder_type == "vit" and self.config.init_recipe == "simmim":
+        if self.truncate_init_at_std and self.config.encoder_type == "vit":
             init.trunc_normal_(tensor, std=std, a=-std, b=std)
         else:
             init.trunc_normal_(tensor, std=std)
 
     def _init_as_transformers(self, module: nn.Module, std: float) -> bool:
-        """transformers' ViT/Swin `_init_weights` for the modules it differs on; True if `module` was handled."""
+        """transformers' ViT/Swin `_init_weights` for the modules it differs on; True if `module` was handled.
+        (The ViT residual rescale, which transformers does not have, is skipped in `_init_weights`.)"""
         if isinstance(module, (nn.Linear, nn.Conv2d)):  # every one, the SimMIM head included
             init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
@@ -544,11 +545,6 @@ class SimMIMPreTrainedModel(PreTrainedModel):
                 init.trunc_normal_(module.cls_token, std=std)
             if module.position_embeddings is not None:
                 init.trunc_normal_(module.position_embeddings, std=std)
-            return True
-        if isinstance(module, SimMIMViTLayer):  # LayerScale as configured, no residual rescale
-            if module.lambda_1 is not None:
-                init.constant_(module.lambda_1, self.config.layer_scale_init_value)
-                init.constant_(module.lambda_2, self.config.layer_scale_init_value)
             return True
         return False
 
@@ -603,9 +599,10 @@ class SimMIMPreTrainedModel(PreTrainedModel):
                 init.constant_(module.lambda_1, self.config.layer_scale_init_value)
                 init.constant_(module.lambda_2, self.config.layer_scale_init_value)
             # Official ViT: shrink the residual-branch outputs of block l (1-based) by 1/sqrt(2l).
-            for linear in (module.attention.proj, module.mlp.fc2):
-                self._trunc_normal(linear.weight, std)
-                _scale_unless_loaded(linear.weight, 1.0 / math.sqrt(2.0 * (module.layer_index + 1)))
+            if self.config.init_recipe == "simmim":
+                for linear in (module.attention.proj, module.mlp.fc2):
+                    self._trunc_normal(linear.weight, std)
+                    _scale_unless_loaded(linear.weight, 1.0 / math.sqrt(2.0 * (module.layer_index + 1)))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Entries already present (e.g. "repo--module.Class" references of a model loaded from the Hub) win.

@@ -438,6 +438,7 @@ class HubPusher:
         self.failed: list[str] = []  # what failed ("upload of <folder>", ...)
         self.errors: list[str] = []  # why: "<what>: <ExceptionType>: <message>"
         self.repo_id = repo_id
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
 
         def create():
             return self.api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -451,10 +452,8 @@ class HubPusher:
                 raise HubPusher.PushError(reason.rstrip()) from None
             logger.warning("Hub create_repo of %s failed (%s); retrying in the background while training goes on.",
                            repo_id, msg)
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
             self._setup = self._executor.submit(self._retry, f"create_repo of {repo_id}", create, None, 2, False)
         else:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
             self.repo_id = getattr(url, "repo_id", None) or repo_id
 
     # -------------------------------------------------------------- error kinds
@@ -606,6 +605,27 @@ def format_count(n: float) -> str:
             return f"{n:.1f}{unit}" if unit else f"{int(n)}"
         n /= 1000.0
     return f"{n:.1f}T"
+
+
+def to_json(value) -> str:
+    """Indented JSON with every non-finite float (a diverged loss, at any depth) written as null: a bare NaN is
+    not JSON, and `allow_nan=False` makes sure none slips through."""
+
+    def safe(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: safe(x) for k, x in v.items()}
+        return [safe(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return json.dumps(safe(value), indent=2, allow_nan=False)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass; transformers >= 5.24 renamed the switch (the old name still
+    works there, with a FutureWarning)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def is_finite_number(x) -> bool:
