@@ -434,7 +434,38 @@ class FinetuneAugmentation(nn.Module):
         return x
 
 
+
+def mix_batch(pixel_values: torch.Tensor, labels: torch.Tensor, num_classes: int, *, mixup: float, cutmix: float,
+              switch_prob: float = 0.5, label_smoothing: float = 0.0, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch-wise Mixup / CutMix (timm's `Mixup(mode="batch")`) with label smoothing.
+
+    Each image is paired with its mirror in the batch (`flip(0)`), as timm does. With both on, CutMix is chosen
+    with probability `switch_prob`; lambda ~ Beta(alpha, alpha); CutMix pastes a box of area (1 - lambda) and the
+    label weight follows the area actually pasted after clipping. All draws come from the host-side numpy
+    generator `rng`, so nothing waits on the device and a run seeded per step replays exactly.
+    Returns (mixed pixel values, soft targets (B, num_classes))."""
+    off = label_smoothing / num_classes
+    targets = torch.nn.functional.one_hot(labels, num_classes).to(torch.float32) * (1.0 - label_smoothing) + off
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < switch_prob)
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(rng.beta(alpha, alpha))
+    flipped = pixel_values.flip(0)
+    if use_cutmix:
+        h, w = pixel_values.shape[-2:]
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        pixel_values = pixel_values.clone()
+        pixel_values[..., y0:y1, x0:x1] = flipped[..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
+    else:
+        pixel_values = pixel_values * lam + flipped * (1.0 - lam)
+    return pixel_values, targets * lam + targets.flip(0) * (1.0 - lam)
+
 __all__ = [
+    "mix_batch",
     "ERASING_MODES",
     "FinetuneAugmentation",
     "GEOMETRIC_OPS",

@@ -1,32 +1,29 @@
-"""`datasets` / DataLoader integration for SimMIM pretraining: an on-the-fly transform, a collate
-function and the seeding recipe.
+"""Everything between a dataset and a model-ready batch, for pretraining and fine-tuning alike.
 
-Masks must be fresh every epoch, so the processor runs on the fly through `Dataset.set_transform`
-(never through `Dataset.map`, whose results are cached: every epoch would see the same crops and masks).
+* **Loading**: `load_pretraining_data` (embedded photos, image folder, Hub dataset, stream) and
+  `load_classification_data` (embedded digits, class folders, Hub dataset with labels); `find_image_column`.
+* **Rows**: `ImageRows` (map-style) and `StreamingImageRows` (a stream) hand out raw image cells with their
+  stable index and epoch; images are decoded in the collator (`decode_image`), so one corrupt file costs one
+  sample (replaced and counted) instead of a crashed worker.
+* **Order**: `EpochShuffleSampler` shuffles as a pure function of (seed, epoch) and sends the epoch along with
+  every index, so DataLoader workers can persist across epochs and still know the epoch of what they load.
+* **Processing**: `SimMIMCollator` (DataLoader `collate_fn`) or `SimMIMTransform` (`Dataset.set_transform`)
+  run the processor with per-sample seeds: sample `index` in epoch `e` gets `sample_seed(seed, e, index)`, so
+  its crop, flip and mask depend on nothing else (not the batch, the number of workers or processes, a resume).
 
-Two ways to make the stream reproducible and different across DataLoader workers and ranks:
+Masks must be fresh every epoch, so processing always runs on the fly (never through `Dataset.map`, whose results
+are cached). Outside the scripts::
 
-1. Per-sample seeds (recommended): give the dataset an index column and a base seed. Sample `index` in
-   epoch `e` is processed with `seed = sample_seed(base_seed, e, index)`, so what a sample sees depends
-   only on (base_seed, epoch, index): not on the batch it lands in, the number of workers, the world
-   size or a resume point. Different ranks draw different indices, hence different streams::
+    rows = ImageRows(dataset, image_column="image")
+    sampler = EpochShuffleSampler(len(rows), seed=0)
+    loader = DataLoader(rows, batch_size=64, sampler=sampler, num_workers=8, persistent_workers=True,
+                        collate_fn=SimMIMCollator(processor, seed=0, do_train=True, return_mask=True))
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for batch in loader: ...
 
-       dataset = dataset.add_column("index", list(range(len(dataset))))
-       transform = SimMIMTransform(processor, seed=base_seed, index_column="index")
-       dataset.set_transform(transform)
-       loader = DataLoader(dataset, batch_size=..., collate_fn=simmim_collate_fn, num_workers=...)
-       for epoch in range(epochs):
-           transform.set_epoch(epoch)   # before the loader's iterator is created (workers copy the transform)
-           for batch in loader: ...
-
-   Workers receive a copy of the transform when the epoch's iterator starts, so `set_epoch` must be
-   called before `iter(loader)` and `persistent_workers` must stay `False`.
-
-2. Without per-sample seeds the processor draws from torch's global generator. PyTorch already seeds it
-   differently in every worker (`base_seed + worker_id`), but `base_seed` comes from the main process's
-   generator, which is identical on every rank after `set_seed(seed)`; `seed_worker` mixes in the rank::
-
-       DataLoader(..., worker_init_fn=functools.partial(seed_worker, rank=accelerator.process_index))
+Without per-sample seeds the processor draws from torch's global generator; `seed_worker` then makes the
+workers of different ranks draw different streams.
 """
 
 from __future__ import annotations
@@ -34,15 +31,17 @@ from __future__ import annotations
 import io
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset, IterableDataset, Sampler
 
 from .image_processing_simmim import SimMIMImageProcessor
 # The pretraining script's per-sample seed (a hash of (base_seed, epoch, index)): one definition, so this
 # transform and `examples/run_pretraining.py` give a sample the same crop, flip and mask.
-from .training_utils import sample_seed
+from .training_utils import content_key, sample_seed
 
 
 class _SeededProcessing:
@@ -143,6 +142,9 @@ class SimMIMCollator(_SeededProcessing):
         keep_columns (`Sequence[str]`): other row keys to stack into tensors (`"label"` becomes `labels`).
         **processor_kwargs: per-call processor arguments, e.g. `do_train=True, return_mask=False`.
 
+    A row's `epoch` key (set by `ImageRows` / `StreamingImageRows`) takes precedence over `set_epoch`, so the
+    seeds stay right in persistent DataLoader workers, which hold a copy of the collator made at their start.
+
     Returns a dict with `pixel_values`, `bool_masked_pos` (when masks are produced), the kept columns and
     `num_unreadable` (a 0-d tensor: how many rows of this batch were replaced).
     """
@@ -161,13 +163,264 @@ class SimMIMCollator(_SeededProcessing):
         chosen = [i if images[i] is not None else readable[i % len(readable)] for i in range(len(rows))]
         seeds = None
         if self.seed is not None:
-            seeds = [sample_seed(self.seed, self.epoch, int(rows[i][self.index_column])) for i in chosen]
+            seeds = [sample_seed(self.seed, int(rows[i].get("epoch", self.epoch)), int(rows[i][self.index_column]))
+                     for i in chosen]
         out = dict(self.processor([images[i] for i in chosen], return_tensors="pt", seed=seeds,
                                   **self.processor_kwargs))
         for column in self.keep_columns:
             out["labels" if column == "label" else column] = torch.as_tensor([rows[i][column] for i in chosen])
         out["num_unreadable"] = torch.tensor(len(rows) - len(readable))
         return out
+
+
+# ================================================================================================== rows
+class EpochShuffleSampler(Sampler):
+    """Yields `(epoch, index)` for every index of a dataset of `num_samples` rows, in an order that depends only
+    on (seed, epoch) (a fresh permutation per epoch; `shuffle=False` keeps 0..n-1). A resumed run, which starts
+    at a later epoch, sees exactly the uninterrupted run's order, and the epoch travels with each index to the
+    worker that loads it. Every rank draws the same order; `accelerate` shards it into per-rank batches."""
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
+        if num_samples < 1:
+            raise ValueError(f"`num_samples` must be >= 1; got {num_samples}.")
+        self.num_samples, self.seed, self.shuffle, self.epoch = int(num_samples), int(seed), shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0))
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = range(self.num_samples)
+        epoch = self.epoch
+        return ((epoch, index) for index in order)
+
+
+def _undecoded(hf_dataset, image_column: str):
+    import datasets
+
+    if image_column not in hf_dataset.column_names:
+        raise ValueError(f"`image_column` {image_column!r} is not a column of the dataset; columns: "
+                         f"{hf_dataset.column_names}.")
+    return hf_dataset.cast_column(image_column, datasets.Image(decode=False))
+
+
+class ImageRows(Dataset):
+    """Map-style rows of a `datasets.Dataset` for `SimMIMCollator`: item `(epoch, index)` (from
+    `EpochShuffleSampler`; a plain `index` means epoch 0) is `{"image": <undecoded cell>, "index": index,
+    "epoch": epoch, <keep_columns>}`, with the image column renamed to "image"."""
+
+    def __init__(self, hf_dataset, image_column: str = "image", keep_columns: Sequence[str] = ()):
+        self.dataset = _undecoded(hf_dataset, image_column)
+        self.image_column = image_column
+        self.keep_columns = tuple(keep_columns)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item) -> dict:
+        epoch, index = item if isinstance(item, tuple) else (0, item)
+        row = self.dataset[int(index)]
+        return {"image": row[self.image_column], "index": int(index), "epoch": int(epoch),
+                **{column: row[column] for column in self.keep_columns}}
+
+
+class StreamingImageRows(IterableDataset):
+    """Rows of a streamed `datasets.IterableDataset` (already split per process), looping over its epochs
+    forever (the step budget ends training) and reshuffling shards and buffer each epoch. With no global index,
+    a row's `index` is a hash of its content, so order and sharding do not change what a sample sees.
+    `set_position(epoch, skip)` starts the next iteration `skip` rows into `epoch` (skipping across epochs)."""
+
+    def __init__(self, hf_dataset, image_column: str = "image"):
+        self.dataset = _undecoded(hf_dataset, image_column)
+        self.image_column = image_column
+        self.epoch, self.skip = 0, 0
+
+    def set_position(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = int(epoch), int(skip)
+
+    @staticmethod
+    def _key(value) -> int:
+        if isinstance(value, dict):
+            return content_key(value["bytes"]) if value.get("bytes") is not None else content_key(str(value.get("path")))
+        return content_key(repr(value))
+
+    def __iter__(self):
+        epoch, skip = self.epoch, self.skip
+        while True:
+            self.dataset.set_epoch(epoch)
+            produced = 0
+            for row in self.dataset:
+                produced += 1
+                if skip:
+                    skip -= 1
+                    continue
+                value = row[self.image_column]
+                yield {"image": value, "index": self._key(value), "epoch": epoch}
+            if produced == 0:
+                raise RuntimeError("The stream is empty: no training rows.")
+            epoch += 1
+
+
+def create_dataloader(rows, batch_size: int, collate_fn, *, num_workers: int = 0, sampler=None,
+                      drop_last: bool = False, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over `ImageRows` / `StreamingImageRows` whose workers persist across epochs (the epoch comes
+    with each index, see `EpochShuffleSampler`) and prefetch a few batches each. Without a sampler the rows are
+    read in order as epoch 0 (evaluation: the same crops and masks every time)."""
+    return torch.utils.data.DataLoader(
+        rows, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last,
+        num_workers=num_workers, persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+        pin_memory=pin_memory)
+
+
+# =============================================================================================== loading
+IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp")
+
+
+def find_image_column(features, requested: str | None = None, where: str = "the dataset") -> str:
+    """`requested` if it is a column, else the first of `IMAGE_COLUMN_NAMES` present, else the first `Image`
+    feature; a ValueError listing the columns otherwise."""
+    import datasets
+
+    features = features or {}
+    if requested:
+        if requested not in features:
+            raise ValueError(f"--image_column_name {requested!r} is not a column of {where}; columns: {list(features)}.")
+        return requested
+    for name in IMAGE_COLUMN_NAMES:
+        if name in features:
+            return name
+    for name, feature in features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    raise ValueError(f"No image column found in {where} (columns: {list(features)}); pass --image_column_name.")
+
+
+def _hub_description(args) -> str:
+    config = f" ({args.dataset_config_name})" if args.dataset_config_name else ""
+    return f"[{args.dataset_name}](https://huggingface.co/datasets/{args.dataset_name}){config}"
+
+
+def _image_folder(args):
+    import datasets
+
+    for name in ("train_dir", "validation_dir"):
+        folder = getattr(args, name)
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"--{name} {folder!r} is not a directory.")
+    files = {"train": str(Path(args.train_dir) / "**")}
+    if args.validation_dir:
+        files["validation"] = str(Path(args.validation_dir) / "**")
+    return datasets.load_dataset("imagefolder", data_files=files, cache_dir=args.cache_dir)
+
+
+def _truncate(dataset, limit: int | None, streaming: bool = False):
+    if limit is None:
+        return dataset
+    return dataset.take(limit) if streaming else dataset.select(range(min(limit, len(dataset))))
+
+
+def load_pretraining_data(args):
+    """(train, eval or None, image column, description) from the `DataArguments` (+ `streaming`,
+    `sample_data_repeats`) fields: a Hub dataset (`streaming` for sets too large to download), an image folder
+    or, with neither, the embedded photos. Without an evaluation split, `validation_split_percentage` holds out
+    part of the training set."""
+    import datasets
+
+    streaming = getattr(args, "streaming", False)
+    eval_ds = None
+    if args.dataset_name:
+        kwargs = dict(cache_dir=args.cache_dir, streaming=streaming)
+        train_ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.train_split, **kwargs)
+        split = args.validation_split
+        if split is None and not args.validation_split_percentage:
+            try:
+                names = datasets.get_dataset_split_names(args.dataset_name, args.dataset_config_name)
+            except Exception:  # noqa: BLE001 - offline or a loading script: no evaluation then
+                names = []
+            split = "validation" if "validation" in names else None
+        if split:
+            eval_ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=split, **kwargs)
+        description = _hub_description(args)
+    elif args.train_dir:
+        loaded = _image_folder(args)
+        train_ds, eval_ds = loaded["train"], loaded.get("validation")
+        description = f"local image folder ({len(train_ds)} images)"
+    else:
+        from . import sample_data
+
+        train_ds = sample_data.load_sample_dataset(repeats=getattr(args, "sample_data_repeats", 1))
+        description = sample_data.describe()
+    column = find_image_column(train_ds.features, args.image_column_name,
+                               args.dataset_name or args.train_dir or "the data")
+    train_ds = _truncate(train_ds, args.max_train_samples, streaming)
+    if eval_ds is None and args.validation_split_percentage:
+        split = train_ds.train_test_split(test_size=args.validation_split_percentage / 100.0, seed=args.seed)
+        train_ds, eval_ds = split["train"], split["test"]
+    if eval_ds is not None:
+        eval_ds = _truncate(eval_ds, args.max_eval_samples, streaming)
+    return train_ds, eval_ds, column, description
+
+
+def _stratified_split(dataset, test_fraction: float, seed: int):
+    import datasets
+
+    stratify = "label" if isinstance(dataset.features.get("label"), datasets.ClassLabel) else None
+    return dataset.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column=stratify)
+
+
+def load_classification_data(args, image_size: int):
+    """(train, eval, label names, description), each set with columns `image` and `label`, from the
+    `DataArguments` (+ `label_column_name`, `train_label_fraction`, `data_seed`) fields: a Hub dataset, class
+    folders, or the embedded digits at `image_size`. Without an evaluation split a stratified
+    `validation_split_percentage` is held out; `train_label_fraction` keeps a stratified part of the training
+    labels. Both splits depend on `data_seed` only."""
+    import datasets
+
+    if args.dataset_name or args.train_dir:
+        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir) \
+            if args.dataset_name else _image_folder(args)
+        description = _hub_description(args) if args.dataset_name else "local image folder"
+        if args.train_split not in raw:
+            raise ValueError(f"--train_split {args.train_split!r} not found; the dataset has {list(raw)}.")
+        columns = raw[args.train_split].column_names
+        image_column = find_image_column(raw[args.train_split].features, args.image_column_name, description)
+        if args.label_column_name not in columns:
+            raise ValueError(f"--label_column_name {args.label_column_name!r} is not a column of the dataset; "
+                             f"columns: {columns}.")
+        raw = raw.rename_columns({k: v for k, v in ((image_column, "image"), (args.label_column_name, "label"))
+                                  if k != v})
+        val_name = args.validation_split or next(
+            (s for s in ("validation", "test") if s in raw and s != args.train_split), None)
+        if val_name is not None:
+            if val_name not in raw:
+                raise ValueError(f"--validation_split {val_name!r} not found; the dataset has {list(raw)}.")
+            train, evaluation = raw[args.train_split], raw[val_name]
+        else:
+            split = _stratified_split(raw[args.train_split], args.validation_split_percentage / 100.0, args.data_seed)
+            train, evaluation = split["train"], split["test"]
+    else:
+        from .sample_data import DIGITS_DESCRIPTION, load_digits_dataset
+
+        description = DIGITS_DESCRIPTION + "; stratified 80/20 split"
+        split = _stratified_split(load_digits_dataset(image_size), 0.2, args.data_seed)
+        train, evaluation = split["train"], split["test"]
+    train, evaluation = train.select_columns(["image", "label"]), evaluation.select_columns(["image", "label"])
+
+    label_feature = train.features["label"]
+    is_class_label = isinstance(label_feature, datasets.ClassLabel)
+    names = list(label_feature.names) if is_class_label else [str(i) for i in range(int(max(train["label"])) + 1)]
+    if args.train_label_fraction < 1.0:
+        train = train.train_test_split(train_size=args.train_label_fraction, seed=args.data_seed,
+                                       stratify_by_column="label" if is_class_label else None)["train"]
+    if args.max_train_samples is not None:
+        train = _truncate(train.shuffle(seed=args.data_seed), args.max_train_samples)
+    return train, _truncate(evaluation, args.max_eval_samples), names, description
 
 
 def simmim_collate_fn(examples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
@@ -208,4 +461,18 @@ def seed_worker(worker_id: int, rank: int | None = None) -> None:
     random.seed(seed)
 
 
-__all__ = ["SimMIMCollator", "SimMIMTransform", "decode_image", "sample_seed", "seed_worker", "simmim_collate_fn"]
+__all__ = [
+    "EpochShuffleSampler",
+    "ImageRows",
+    "SimMIMCollator",
+    "SimMIMTransform",
+    "StreamingImageRows",
+    "create_dataloader",
+    "decode_image",
+    "find_image_column",
+    "load_classification_data",
+    "load_pretraining_data",
+    "sample_seed",
+    "seed_worker",
+    "simmim_collate_fn",
+]

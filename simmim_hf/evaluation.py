@@ -120,6 +120,22 @@ class LinearProbe(nn.Module):
         self.encoder.eval()  # frozen: always the deterministic inference path
         return self
 
+    def save_head(self, folder, base_model: str | None) -> None:
+        """Write only the trained head (`linear_probe_head.safetensors`) and what it needs
+        (`linear_probe_config.json`: the encoder it sits on, the layer, the normalisation)."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in self.head.state_dict().items()},
+                  str(folder / "linear_probe_head.safetensors"))
+        (folder / "linear_probe_config.json").write_text(json.dumps(
+            {"base_model": base_model, "probe_layer": self.layer, "normalize": "layernorm_without_affine",
+             "num_labels": self.head.out_features}, indent=2))
+
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> ImageClassifierOutput:
         with torch.no_grad():
             features = encoder_features(self.encoder, pixel_values, self.layer)
@@ -231,8 +247,37 @@ def linear_probe_evaluate(
     return {"accuracy": (predictions == test_labels.long()).float().mean().item(), "train_loss": loss.item()}
 
 
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, dataloader, accelerator, num_classes: int) -> dict:
+    """Accuracy (and top-5 accuracy with >= 5 classes), mean cross-entropy and the number of unreadable images
+    of a classifier over a prepared evaluation DataLoader, across all processes. `gather_for_metrics` drops the
+    samples the sampler repeated to even out the last batch, so nothing is counted twice."""
+    from .metrics import load_metric
+
+    metric = load_metric("top_k_accuracy", num_process=1)
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    count = torch.zeros((), device=accelerator.device)
+    unreadable = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    for batch in dataloader:
+        unreadable += batch["num_unreadable"]
+        logits = model(pixel_values=batch["pixel_values"]).logits
+        losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+        logits, labels, losses = accelerator.gather_for_metrics((logits, batch["labels"], losses))
+        loss_sum += losses.sum()
+        count += losses.numel()
+        metric.add_batch(predictions=logits.float().cpu().numpy(), references=labels.cpu().numpy())
+    model.train(was_training)
+    results = metric.compute(top_k=(1, 5) if num_classes >= 5 else (1,))
+    results["loss"] = (loss_sum / count.clamp(min=1)).item()
+    results["unreadable_images"] = int(accelerator.reduce(unreadable, "sum").item())
+    return results
+
+
 __all__ = [
     "LinearProbe",
+    "evaluate_classifier",
     "linear_probe_evaluate",
     "encoder_features",
     "extract_features",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -254,7 +255,93 @@ def parse_milestones(text: str | None, steps_per_epoch: int | None = None) -> li
     return [int(e * (steps_per_epoch or 1)) for e in epochs]
 
 
+# The paper's linear scaling rule: learning rates are given for a total batch of this size (official code:
+# `lr * TOTAL_BATCH / 512`).
+REFERENCE_BATCH_SIZE = 512
+
+
+@dataclass(frozen=True)
+class LearningRatePlan:
+    """What a run's optimisation arguments mean once the data and the world size are known: the one place
+    both scripts turn batch sizes, epochs and per-512 learning rates into optimizer steps and absolute rates.
+
+    * total batch = per-device batch x processes x accumulation steps;
+    * peak lr = `learning_rate` if given, else `base_learning_rate` x total batch / 512;
+    * warmup and final lr = `warmup_lr` / `min_lr` x (peak lr / base lr), so they keep their ratio to the peak
+      whether the peak was scaled or given;
+    * steps: `max_train_steps`, else epochs x steps per epoch; warmup: `warmup_steps`, else warmup epochs x steps
+      per epoch (at most all steps); multistep milestones are epochs (fractions allowed) turned into steps.
+    A stream (`steps_per_epoch=None`) counts steps only: `max_train_steps` is required, epochs are unknown."""
+
+    total_batch_size: int
+    peak_lr: float
+    warmup_lr: float
+    min_lr: float
+    max_train_steps: int
+    warmup_steps: int
+    steps_per_epoch: int | None
+    milestones: tuple[int, ...]
+    lr_given: bool
+
+    @property
+    def num_epochs(self) -> int | None:
+        return None if self.steps_per_epoch is None else math.ceil(self.max_train_steps / self.steps_per_epoch)
+
+    @classmethod
+    def from_args(cls, args, num_processes: int, batches_per_epoch: int | None) -> "LearningRatePlan":
+        """`args` carries the `OptimizationArguments` fields; `batches_per_epoch` is the length of one process's
+        training DataLoader (None for a stream)."""
+        accumulation = args.gradient_accumulation_steps
+        total_batch_size = args.per_device_train_batch_size * num_processes * accumulation
+        # Accelerate steps the optimizer at the end of the dataloader even mid-accumulation, hence the ceil.
+        steps_per_epoch = None if batches_per_epoch is None else math.ceil(batches_per_epoch / accumulation)
+        if steps_per_epoch is None and args.max_train_steps is None:
+            raise ValueError("`max_train_steps` is required when the epoch length is unknown (a stream).")
+        if steps_per_epoch == 0:
+            raise ValueError(f"An epoch has no optimizer step: the training set is smaller than one batch of "
+                             f"{args.per_device_train_batch_size} per process; lower per_device_train_batch_size.")
+        max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+        scaled = args.base_learning_rate * total_batch_size / REFERENCE_BATCH_SIZE
+        peak_lr = args.learning_rate if args.learning_rate is not None else scaled
+        ratio = peak_lr / args.base_learning_rate if args.base_learning_rate else 1.0
+        if args.warmup_steps is not None:
+            warmup_steps = args.warmup_steps
+        else:
+            warmup_steps = round(args.warmup_epochs * (steps_per_epoch or 0))
+        return cls(
+            total_batch_size=total_batch_size, peak_lr=peak_lr, warmup_lr=args.warmup_lr * ratio,
+            min_lr=args.min_lr * ratio, max_train_steps=max_train_steps,
+            warmup_steps=min(warmup_steps, max_train_steps), steps_per_epoch=steps_per_epoch,
+            milestones=tuple(parse_milestones(args.lr_milestones, steps_per_epoch)),
+            lr_given=args.learning_rate is not None,
+        )
+
+    def describe(self) -> str:
+        how = "given" if self.lr_given else f"base lr x total batch {self.total_batch_size} / {REFERENCE_BATCH_SIZE}"
+        return (f"peak lr {self.peak_lr:.3g} ({how}), warmup {self.warmup_steps} of {self.max_train_steps} steps "
+                f"from {self.warmup_lr:.3g}, final lr {self.min_lr:.3g}")
+
+
+def create_optimizer_and_scheduler(model: torch.nn.Module, args, plan: LearningRatePlan,
+                                   layer_decay: float | None = None, fused: bool | None = None):
+    """AdamW over `build_param_groups` (weight-decay rules, layer-wise lr decay) and the
+    `LayerDecayLRScheduler` of `plan`; frozen parameters (a linear probe's encoder) are left out. `fused` asks for the single-kernel AdamW (which can also skip a non-finite step without a host sync)."""
+    groups = build_param_groups(model, args.weight_decay, layer_decay)
+    for group in groups:  # bookkeeping keys are not optimizer options
+        group.pop("param_names", None)
+    optimizer = torch.optim.AdamW(groups, lr=plan.peak_lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  eps=args.adam_epsilon, weight_decay=args.weight_decay, fused=fused)
+    scheduler = LayerDecayLRScheduler(
+        optimizer, num_training_steps=plan.max_train_steps, num_warmup_steps=plan.warmup_steps,
+        schedule=args.lr_scheduler_type, base_lr=plan.peak_lr, warmup_lr=plan.warmup_lr, min_lr=plan.min_lr,
+        milestones=plan.milestones, gamma=args.lr_gamma)
+    return optimizer, scheduler
+
+
 __all__ = [
+    "LearningRatePlan",
+    "REFERENCE_BATCH_SIZE",
+    "create_optimizer_and_scheduler",
     "parse_milestones",
     "DEFAULT_NO_WEIGHT_DECAY_KEYWORDS",
     "LayerDecayLRScheduler",

@@ -116,4 +116,31 @@ def describe(files: Iterable[str] | None = None) -> str:
     )
 
 
-__all__ = ["SAMPLE_IMAGES", "sample_image_files", "load_sample_images", "load_sample_dataset", "describe"]
+DIGITS_DESCRIPTION = ("scikit-learn's handwritten digits (1,797 8x8 grayscale images, 10 classes, shipped in the "
+                      "scikit-learn wheel), upsampled bicubically to RGB at the model size")
+
+
+def load_digits_dataset(image_size: int):
+    """The embedded labelled default of fine-tuning: scikit-learn's digits as RGB PIL images at `image_size`,
+    with a `ClassLabel` column `label`."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise RuntimeError(f"The embedded digits need scikit-learn: {INSTALL_HINT}; or pass --dataset_name / "
+                           "--train_dir.") from err
+    digits = load_digits()
+    # 17 grey levels (0..16) -> 0..255; bicubic upsampling gives smooth strokes instead of 8x8 blocks.
+    pixels = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    images = [Image.fromarray(a, mode="L").resize((image_size, image_size), Image.Resampling.BICUBIC).convert("RGB")
+              for a in pixels]
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    return datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+
+
+__all__ = ["DIGITS_DESCRIPTION", "SAMPLE_IMAGES", "describe", "load_digits_dataset", "load_sample_dataset",
+           "load_sample_images", "sample_image_files"]

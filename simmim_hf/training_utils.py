@@ -575,6 +575,19 @@ class HubPusher:
         self._executor.shutdown(wait=False)
         return ok
 
+    def push_and_wait(self, folder: str | os.PathLike, commit_message: str,
+                      ignore_patterns: list[str] | None = None) -> bool:
+        """Push a finished model folder, wait for every queued upload and say how to push by hand if one failed
+        (the local folder is complete either way). Returns True when everything reached the Hub."""
+        self.push(folder, commit_message, ignore_patterns=ignore_patterns)
+        if self.wait():
+            return True
+        logger.error(
+            "Push to the Hub failed (%s). The local folder %s is complete (weights, config, processor, model code, "
+            "model card); nothing was lost. Push it by hand once the problem is fixed:\n  %s",
+            "; ".join(self.errors), folder, self.manual_push_command(folder, ignore_patterns))
+        return False
+
     def manual_push_command(self, folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> str:
         """The `hf upload` command that pushes `folder` by hand (for the log after a failed push)."""
         import shlex

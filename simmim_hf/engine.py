@@ -1,0 +1,358 @@
+"""The training loop both scripts run, and the set-up around it.
+
+`TrainingLoop` owns what every SimMIM run needs and no script should rewrite: gradient accumulation and
+clipping through Accelerate, skipping non-finite steps without a host sync (`NonFiniteGuard`), the lr
+schedule stepped once per optimizer update, loss / lr / grad-norm / images-per-second logging with one host
+sync per logging interval, a progress bar, atomic resumable checkpoints at a fixed step interval, at the end
+and on SIGTERM (`CheckpointManager`, `PreemptionHandler`), and exact resumption mid-epoch. What differs between
+pretraining and fine-tuning comes in as a `compute_loss(model, batch, state)` function and `LoopCallback`s
+(evaluation, reconstruction grids, best-model saving), so tests drive the loop directly and read the state it
+returns.
+
+Position: `state.epoch` and `state.batches_in_epoch` say where the data stream is; the training DataLoader
+orders each epoch as a pure function of (seed, epoch) (`data.EpochShuffleSampler`), so a resumed run replays
+the epoch and skips the batches already trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .optimization import LearningRatePlan
+from .training_utils import CheckpointManager, NonFiniteGuard, PreemptionHandler
+
+logger = logging.getLogger(__name__)
+
+
+def create_accelerator(args, output_dir: str | os.PathLike, **kwargs):
+    """The Accelerator both scripts use, from the `OptimizationArguments` / `OutputArguments` fields.
+
+    CPU when asked or when there is no accelerator at all: without `cpu=True`, `accelerate launch --multi_gpu`
+    on a GPU-less machine would try NCCL; with it, the processes form a gloo group."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
+        torch.backends.mps.is_available()
+    accelerator = Accelerator(
+        cpu=args.cpu or not has_accelerator,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.trackers(),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        # The schedule counts optimizer updates; by default Accelerate would step it once per process.
+        step_scheduler_with_optimizer=False,
+        **kwargs,
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+                        datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
+    import datasets
+    import transformers
+
+    verbosity = "warning" if accelerator.is_local_main_process else "error"
+    getattr(datasets.utils.logging, f"set_verbosity_{verbosity}")()
+    getattr(transformers.utils.logging, f"set_verbosity_{verbosity}")()
+    return accelerator
+
+
+def prepare_output_dir(accelerator, args) -> tuple[CheckpointManager, Path | None]:
+    """Check `--output_dir` against `--overwrite_output_dir` / `--resume_from_checkpoint` and return the checkpoint
+    manager and the checkpoint to resume (or None).
+
+    Checked on every rank (same filesystem), so no rank waits forever for one that raised. A non-empty folder with
+    nothing to resume is only taken over when it is this script's own run stopped before its first checkpoint
+    (it wrote training_args.json); anything else needs --overwrite_output_dir, which deletes its checkpoints."""
+    output_dir = Path(args.output_dir)
+    checkpoints = CheckpointManager(accelerator, output_dir, args.checkpoints_total_limit)
+    if args.overwrite_output_dir:
+        checkpoints.clear()
+    resume_path = checkpoints.resolve(args.resume_from_checkpoint)
+    own_unfinished_run = args.resume_from_checkpoint == "latest" and (output_dir / "training_args.json").is_file()
+    if output_dir.is_dir() and any(output_dir.iterdir()) and resume_path is None \
+            and not args.overwrite_output_dir and not own_unfinished_run:
+        raise ValueError(f"--output_dir {output_dir} is not empty and holds no checkpoint to resume. Pass "
+                         "--overwrite_output_dir to start over in it (its files may be overwritten), or choose "
+                         "another folder.")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return checkpoints, resume_path
+
+
+@dataclass
+class TrainState:
+    """Where a run is. `extra` holds the callbacks' resumable state (JSON values, saved with every checkpoint)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    last_loss: float = float("nan")
+    skipped_steps: int = 0
+    unreadable_images: int = 0
+    stopped_early: bool = False
+    preempted: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LoopCallback:
+    """Hooks of `TrainingLoop`; every method is optional. Collective work (evaluation, saving) is fine: every
+    rank calls every hook at the same point."""
+
+    def on_step_end(self, loop: "TrainingLoop", state: TrainState) -> None:
+        """After each optimizer step (and its logging)."""
+
+    def on_epoch_end(self, loop: "TrainingLoop", state: TrainState) -> None:
+        """After an epoch's last step, and once when training ends (step budget, early stop) mid-epoch."""
+
+    def on_log(self, loop: "TrainingLoop", state: TrainState, logs: dict[str, float]) -> None:
+        """With the values just logged (host floats)."""
+
+
+class TrainingLoop:
+    """Optimise `model` on `train_dataloader` for `plan.max_train_steps` optimizer steps.
+
+    Args:
+        accelerator: the run's `Accelerator`; `model`, `optimizer`, `lr_scheduler` and (unless `streaming`)
+            `train_dataloader` already went through `accelerator.prepare`.
+        compute_loss: `(model, batch, state) -> scalar loss` for one micro-batch.
+        plan: the run's `LearningRatePlan` (step budget, steps per epoch).
+        checkpoints: where resumable checkpoints go; `settings` should already hold what the saved position means.
+        logging_steps / checkpointing_steps: intervals in optimizer steps (`None`: checkpoint only at the end).
+        max_grad_norm: clipping norm (0 = no clipping; the norm is still computed for the non-finite guard).
+        max_consecutive_nonfinite: stop after this many skipped steps in a row (0 = never).
+        streaming: `train_dataloader` iterates a stream that never ends (`data.StreamingImageRows`); it is not
+            prepared, so batches are moved to the device here.
+        on_checkpoint: called with each saved checkpoint folder (e.g. to push it to the Hub).
+    """
+
+    def __init__(self, accelerator, model, optimizer, lr_scheduler, train_dataloader,
+                 compute_loss: Callable[[torch.nn.Module, dict, TrainState], torch.Tensor], plan: LearningRatePlan,
+                 checkpoints: CheckpointManager, *, logging_steps: int = 10, checkpointing_steps: int | None = None,
+                 max_grad_norm: float = 0.0, max_consecutive_nonfinite: int = 0, streaming: bool = False,
+                 callbacks: Sequence[LoopCallback] = (), on_checkpoint: Callable[[Path], None] | None = None,
+                 description: str = "training"):
+        self.accelerator = accelerator
+        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
+        self.train_dataloader = train_dataloader
+        self.compute_loss = compute_loss
+        self.plan = plan
+        self.checkpoints = checkpoints
+        self.logging_steps = logging_steps
+        self.checkpointing_steps = checkpointing_steps
+        self.max_grad_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+        self.streaming = streaming
+        self.callbacks = list(callbacks)
+        self.on_checkpoint = on_checkpoint
+        self.description = description
+        self.last_checkpoint_step: int | None = None
+        self._epoch_end_step: int | None = None
+        device = accelerator.device
+        self.guard = NonFiniteGuard(max_consecutive_nonfinite, device)
+        # The fused optimizer skips a non-finite step itself; a GradScaler (fp16) skips them its own way.
+        self.guard_on_optimizer = NonFiniteGuard.supports(optimizer) and accelerator.scaler is None
+        if not self.guard_on_optimizer and accelerator.scaler is None:
+            logger.warning("The optimizer cannot skip steps without a host sync; non-finite steps are detected at "
+                           "the logging interval only.")
+        # Running sums on the device, read once per logging interval.
+        self._loss_sum = torch.zeros((), device=device)
+        self._loss_count = torch.zeros((), device=device)
+        self._unreadable = torch.zeros((), device=device)
+        self._grad_norm = torch.zeros((), device=device)
+        self._images = 0
+        self._steps_since_log = 0
+        self._log_time = time.perf_counter()
+
+    # ------------------------------------------------------------------------------------------ resuming
+    def resume(self, path: str | os.PathLike) -> TrainState:
+        """Restore the Accelerate state saved at `path` (collective) and return the position it stands for."""
+        stored = self.checkpoints.load(path)
+        logger.info(f"Resumed from checkpoint {path} (step {stored['step']})")
+        return TrainState(global_step=int(stored["step"]), epoch=int(stored.get("epoch", 0)),
+                          batches_in_epoch=int(stored.get("batches_in_epoch", 0)),
+                          extra=dict(stored.get("extra") or {}))
+
+    def save_checkpoint(self, state: TrainState) -> Path:
+        """Save a resumable checkpoint at the current step (collective); an epoch that just ended is stored as
+        the start of the next one."""
+        epoch, batches = state.epoch, state.batches_in_epoch
+        if self.plan.steps_per_epoch is not None and not self.streaming and batches >= len(self.train_dataloader):
+            epoch, batches = epoch + 1, 0
+        path = self.checkpoints.save(state.global_step, {"epoch": epoch, "batches_in_epoch": batches,
+                                                         "extra": state.extra})
+        self.last_checkpoint_step = state.global_step
+        logger.info(f"Saved checkpoint {path}")
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(path)
+        return path
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def _epoch_batches(self, state: TrainState):
+        if self.streaming:
+            # A stream loops over its epochs itself; the position is the number of batches since `state.epoch` began.
+            self.train_dataloader.dataset.set_position(state.epoch, state.batches_in_epoch
+                                                       * self.train_dataloader.batch_size)
+            device = self.accelerator.device
+            return ({k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch in self.train_dataloader)
+        self.train_dataloader.set_epoch(state.epoch)
+        if state.batches_in_epoch:
+            # Replays the epoch's (seeded) order, dropping the batches already trained on.
+            return self.accelerator.skip_first_batches(self.train_dataloader, state.batches_in_epoch)
+        return self.train_dataloader
+
+    def _train_on(self, batch: dict, state: TrainState) -> None:
+        accelerator = self.accelerator
+        with accelerator.accumulate(self.model):
+            loss = self.compute_loss(self.model, batch, state)
+            accelerator.backward(loss)
+            finite = torch.isfinite(loss.detach())
+            self._loss_sum += torch.where(finite, loss.detach().float(), 0.0)
+            self._loss_count += finite.float()
+            if accelerator.sync_gradients:
+                # After the gradient all-reduce: every rank gets the same norm, hence the same decision.
+                grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+                found_inf = self.guard.update(grad_norm)
+                self._grad_norm = grad_norm.detach()
+                if self.guard_on_optimizer:
+                    NonFiniteGuard.attach(self.optimizer, found_inf)
+                self.optimizer.step()
+                if self.guard_on_optimizer:
+                    NonFiniteGuard.detach(self.optimizer)
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        if "num_unreadable" in batch:
+            self._unreadable += batch["num_unreadable"].to(self._unreadable.device)
+        self._images += batch["pixel_values"].shape[0] * accelerator.num_processes
+
+    def _log(self, state: TrainState, progress) -> None:
+        accelerator = self.accelerator
+        stats = accelerator.reduce(torch.stack([self._loss_sum, self._loss_count, self._unreadable]), reduction="sum")
+        loss_total, count, unreadable = stats.tolist()  # the host sync of this interval
+        now = time.perf_counter()
+        images_per_sec = self._images / max(now - self._log_time, 1e-9)
+        state.last_loss = loss_total / count if count else float("nan")
+        lr = self.lr_scheduler.get_last_lr()[-1]
+        logs = {"train/loss": state.last_loss, "train/lr": lr, "train/grad_norm": self._grad_norm.float().item(),
+                "train/images_per_sec": images_per_sec, "train/epoch": state.epoch}
+        if unreadable:
+            state.unreadable_images += int(unreadable)
+            logger.warning(f"{int(unreadable)} unreadable image(s) replaced by other images of their batch in the "
+                           f"last {self._steps_since_log} steps.")
+            logs["train/unreadable_images"] = unreadable
+        if self.guard.check():
+            logger.error(f"{self.guard.max_consecutive} optimizer steps in a row had a non-finite loss/gradient; "
+                         "stopping (the weights are those before the first skipped step).")
+            state.stopped_early = True
+        state.skipped_steps = self.guard.total_skipped
+        logs["train/skipped_steps"] = state.skipped_steps
+        accelerator.log(logs, step=state.global_step)
+        if progress is not None:
+            progress.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_sec:.0f}")
+        logger.info(f"step {state.global_step}/{self.plan.max_train_steps} epoch {state.epoch} loss "
+                    f"{state.last_loss:.4f} lr {lr:.3e} grad_norm {logs['train/grad_norm']:.3f} images/s "
+                    f"{images_per_sec:.1f}")
+        for callback in self.callbacks:
+            callback.on_log(self, state, logs)
+        for tensor in (self._loss_sum, self._loss_count, self._unreadable):
+            tensor.zero_()
+        self._images, self._steps_since_log, self._log_time = 0, 0, now
+
+    def _end_epoch(self, state: TrainState) -> None:
+        if self._epoch_end_step == state.global_step:
+            return  # training ended right where an epoch ended: the hooks ran already
+        self._epoch_end_step = state.global_step
+        for callback in self.callbacks:
+            callback.on_epoch_end(self, state)
+
+    def run(self, state: TrainState | None = None) -> TrainState:
+        """Train from `state` (default: the start) until the step budget, an early stop or a signal; returns the
+        final state. A checkpoint is saved at the end (or on the signal) unless one was just saved."""
+        state = state or TrainState()
+        max_steps = self.plan.max_train_steps
+        progress = None
+        try:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=max_steps, initial=state.global_step, desc=self.description, dynamic_ncols=True,
+                            disable=not self.accelerator.is_local_main_process)
+        except ImportError:
+            pass
+        preemption = PreemptionHandler()
+        self.model.train()
+        try:
+            while state.global_step < max_steps and not state.stopped_early:
+                for batch in self._epoch_batches(state):
+                    self._train_on(batch, state)
+                    state.batches_in_epoch += 1
+                    if not self.accelerator.sync_gradients:
+                        continue
+                    state.global_step += 1
+                    self._steps_since_log += 1
+                    if progress is not None:
+                        progress.update(1)
+                    if state.global_step % self.logging_steps == 0 or state.global_step == max_steps:
+                        self._log(state, progress)
+                    for callback in self.callbacks:
+                        callback.on_step_end(self, state)
+                    if self.checkpointing_steps and state.global_step % self.checkpointing_steps == 0:
+                        self.save_checkpoint(state)
+                    if preemption.should_stop():
+                        state.preempted = True
+                        break
+                    if state.stopped_early or state.global_step >= max_steps:
+                        break
+                else:  # the epoch ran out
+                    self._end_epoch(state)
+                    state.epoch += 1
+                    state.batches_in_epoch = 0
+                    continue
+                break
+        finally:
+            preemption.restore()
+            if progress is not None:
+                progress.close()
+        if self._steps_since_log:
+            self._log(state, None)  # the counts of a last, partial interval are not lost
+        if state.preempted:
+            logger.warning(f"Received signal {preemption.received}; saving a checkpoint at step {state.global_step} "
+                           "and stopping. Resume with --resume_from_checkpoint latest.")
+        else:
+            self._end_epoch(state)
+        if self.last_checkpoint_step != state.global_step:
+            self.save_checkpoint(state)
+        return state
+
+
+def default_num_workers(accelerator) -> int:
+    """DataLoader workers per training process: one core per process runs the model, the spare cores decode and
+    augment. At least one worker: loading in the training process would stall every step."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    return max(1, min(8, cores // max(1, local_processes) - 1))
+
+
+
+
+def save_model(accelerator, model, folder: str | os.PathLike, processor=None) -> None:
+    """`save_pretrained` of the unwrapped model (and `processor`) into `folder` (collective: under FSDP the state
+    dict gathers the shards on every rank; only the main process writes)."""
+    state_dict = accelerator.get_state_dict(model)
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    unwrapped.save_pretrained(folder, is_main_process=accelerator.is_main_process, state_dict=state_dict)
+    if processor is not None and accelerator.is_main_process:
+        processor.save_pretrained(folder)
+    accelerator.wait_for_everyone()
+
+
+__all__ = ["LoopCallback", "TrainState", "TrainingLoop", "create_accelerator", "default_num_workers",
+           "prepare_output_dir", "save_model"]
