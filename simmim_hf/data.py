@@ -140,6 +140,7 @@ class SimMIMCollator(_SeededProcessing):
         seed (`int`, *optional*): base seed of the per-sample seeds `sample_seed(seed, epoch, row[index_column])`.
         image_column, index_column (`str`): row keys of the image cell and of the stable dataset index.
         keep_columns (`Sequence[str]`): other row keys to stack into tensors (`"label"` becomes `labels`).
+        count_unreadable (`bool`): add `num_unreadable` to the batch (turn off for `transformers.Trainer`).
         **processor_kwargs: per-call processor arguments, e.g. `do_train=True, return_mask=False`.
 
     A row's `epoch` key (set by `ImageRows` / `StreamingImageRows`) takes precedence over `set_epoch`, so the
@@ -150,8 +151,10 @@ class SimMIMCollator(_SeededProcessing):
     """
 
     def __init__(self, processor: SimMIMImageProcessor, seed: int | None = None, image_column: str = "image",
-                 index_column: str = "index", keep_columns: Sequence[str] = (), **processor_kwargs):
+                 index_column: str = "index", keep_columns: Sequence[str] = (), count_unreadable: bool = True,
+                 **processor_kwargs):
         super().__init__(processor, seed, image_column, index_column, keep_columns, processor_kwargs)
+        self.count_unreadable = count_unreadable  # False for `transformers.Trainer`: it passes every key to the model
 
     def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         if len(rows) == 0:
@@ -169,7 +172,8 @@ class SimMIMCollator(_SeededProcessing):
                                   **self.processor_kwargs))
         for column in self.keep_columns:
             out["labels" if column == "label" else column] = torch.as_tensor([rows[i][column] for i in chosen])
-        out["num_unreadable"] = torch.tensor(len(rows) - len(readable))
+        if self.count_unreadable:
+            out["num_unreadable"] = torch.tensor(len(rows) - len(readable))
         return out
 
 
@@ -271,9 +275,13 @@ def create_dataloader(rows, batch_size: int, collate_fn, *, num_workers: int = 0
                       drop_last: bool = False, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over `ImageRows` / `StreamingImageRows` whose workers persist across epochs (the epoch comes
     with each index, see `EpochShuffleSampler`) and prefetch a few batches each. Without a sampler the rows are
-    read in order as epoch 0 (evaluation: the same crops and masks every time)."""
+    read in order as epoch 0 (evaluation: the same crops and masks every time).
+
+    The loader has its own generator: creating an iterator draws the workers' base seed from it rather than from
+    torch's global generator, whose stream (drop path, augmentation) a resumed run must replay exactly."""
     return torch.utils.data.DataLoader(
         rows, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last,
+        generator=torch.Generator().manual_seed(0),
         num_workers=num_workers, persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
         pin_memory=pin_memory)
 

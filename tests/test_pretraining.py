@@ -1,16 +1,17 @@
-"""Tests of the pretraining job (examples/run_pretraining.py) and its helpers (simmim_hf.training_utils,
-sample_data, visualization). CPU only, no network, tiny presets.
+"""Tests of the pretraining job (`simmim_hf.run_pretraining`, launched by examples/run_pretraining.py) and its
+helpers (simmim_hf.training_utils, data, sample_data, visualization). CPU only, no network, tiny presets.
 
-The subprocess runs are the costly part; each is made once (module-scoped fixtures) and shared by the
-asserts that read its output.
+The job runs in-process (`tests/jobs.py`): failures are injected with callbacks and monkeypatching, and the
+tests read the returned state and the files written. Each costly run is made once (module-scoped fixtures) and
+shared by the asserts that read its output; only the two-process run needs a subprocess (`accelerate launch`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import logging
 import os
-import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BLOCK_SIMMIM_HF
+from jobs import HubStandin, Recorder, pretrain
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "run_pretraining.py"
-STANDIN = REPO / "tests" / "pretrain_hub_standin.py"
 FAKE_TOKEN = "hf_pretrainTESTtoken0123456789abcdef"
 
 # 20 embedded images, batch 4 -> 4 steps per epoch after a 20 % eval split (16 train images): 10 steps cross
@@ -35,22 +36,6 @@ COMMON = [
 ]
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "HF_TOKEN"))}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env.update(extra)
-    return env
-
-
-def _run(cmd, log: Path, expect_rc: int = 0, **env) -> str:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=300)
-    log.write_text(proc.stdout)
-    assert proc.returncode == expect_rc, f"exit {proc.returncode}:\n{proc.stdout[-4000:]}"
-    return proc.stdout
-
-
 def _weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
@@ -60,44 +45,70 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+class _LogText(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(self.format(record))
+
+
 # ------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    """The main job (shortened): 10 steps in one go, pushed to a local stand-in of the Hub."""
+    """The main job (shortened): 10 steps in one go, pushed to a local stand-in of the Hub whose first upload fails."""
     tmp = tmp_path_factory.mktemp("full")
     out, record = tmp / "out", tmp / "hub"
-    log = _run([sys.executable, str(STANDIN), str(record), "--output_dir", str(out), *COMMON,
-                "--visualize_steps", "5", "--push_to_hub", "--hub_model_id", "tester/simmim-nano"],
-               tmp / "log.txt", HF_TOKEN=FAKE_TOKEN)
-    return {"out": out, "record": record / "tester" / "simmim-nano", "record_root": record, "log": log, "tmp": tmp}
+    recorder, logs = Recorder(), _LogText()
+    logging.getLogger().addHandler(logs)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+        hub = HubStandin(record, monkeypatch, failures=1)
+        rc = pretrain(["--output_dir", out, *COMMON, "--visualize_steps", "5", "--push_to_hub",
+                       "--hub_model_id", "tester/simmim-nano"], callbacks=[recorder])
+    logging.getLogger().removeHandler(logs)
+    return {"rc": rc, "out": out, "record": record / "tester" / "simmim-nano", "record_root": record, "hub": hub,
+            "recorder": recorder, "log": "\n".join(logs.records), "tmp": tmp}
 
 
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory):
-    """The same job preempted (real SIGTERM) after step 3, then resumed with `latest` past a half-written
+    """The same job preempted by a real SIGTERM after step 3, then resumed with `latest` past a half-written
     checkpoint."""
     tmp = tmp_path_factory.mktemp("resumed")
     out = tmp / "out"
-    log1 = _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *COMMON, "--debug_sigterm_at_step", "3"],
-                tmp / "log1.txt")
+    first = Recorder(at_step={3: lambda: os.kill(os.getpid(), signal.SIGTERM)})
+    rc1 = pretrain(["--output_dir", out, *COMMON], callbacks=[first])
     listing = sorted(p.name for p in (out / "checkpoints").iterdir())
     # Simulate a kill in the middle of a later save: the folder exists, the completion marker does not.
     broken = out / "checkpoints" / "checkpoint-7"
     broken.mkdir()
     (broken / "model.safetensors").write_bytes(b"truncated")
-    log2 = _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *COMMON, "--resume_from_checkpoint", "latest"],
-                tmp / "log2.txt")
-    return {"out": out, "log1": log1, "log2": log2, "listing_after_preemption": listing}
+    second = Recorder()
+    rc2 = pretrain(["--output_dir", out, *COMMON, "--resume_from_checkpoint", "latest"], callbacks=[second])
+    return {"out": out, "rc": (rc1, rc2), "first": first, "second": second, "listing_after_preemption": listing}
 
 
 @pytest.fixture(scope="module")
 def bf16_nan_run(tmp_path_factory):
+    """bf16 autocast, with the loss of optimizer steps 2 and 3 turned into NaN."""
+    from simmim_hf import run_pretraining
+
     tmp = tmp_path_factory.mktemp("bf16")
     out = tmp / "out"
-    log = _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *COMMON, "--max_train_steps", "6",
-                "--mixed_precision", "bf16", "--debug_nonfinite_steps", "2,3", "--max_consecutive_nonfinite", "5"],
-               tmp / "log.txt")
-    return {"out": out, "log": log}
+    original = run_pretraining.masked_image_modeling_loss
+
+    def nan_at_steps_2_and_3(model, batch, state):
+        loss = original(model, batch, state)
+        return loss * float("nan") if state.global_step + 1 in (2, 3) else loss
+
+    recorder = Recorder()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(run_pretraining, "masked_image_modeling_loss", nan_at_steps_2_and_3)
+        rc = pretrain(["--output_dir", out, *COMMON, "--max_train_steps", "6", "--mixed_precision", "bf16",
+                       "--max_consecutive_nonfinite", "5"], callbacks=[recorder])
+    return {"out": out, "rc": rc, "recorder": recorder}
 
 
 # ----------------------------------------------------------------------------------------- main job
@@ -108,6 +119,7 @@ def test_main_job_writes_loadable_model_and_reconstruction_png(full_run):
     from simmim_hf.image_processing_simmim import SimMIMImageProcessor
 
     out = full_run["out"]
+    assert full_run["rc"] == 0
     png = Image.open(out / "reconstruction.png")
     assert png.format == "PNG" and png.size == (4 * 132 + 4, 8 * 132 + 4)  # 4 columns x 8 rows of 128 px cells
     assert (out / "reconstructions" / "step_0000005.png").is_file()
@@ -121,21 +133,23 @@ def test_main_job_writes_loadable_model_and_reconstruction_png(full_run):
     results = json.loads((out / "all_results.json").read_text())
     assert results["global_step"] == 10 and results["skipped_nonfinite_steps"] == 0
     assert results["eval_loss"] is not None and 0 < results["eval_loss"] < 2
-    # The loss is logged with lr and images/s; it goes down on this data even in 10 steps at lr 1e-3.
-    losses = [float(x) for x in re.findall(r"step \d+/10 epoch \d+ loss ([0-9.]+) lr", full_run["log"])]
-    assert len(losses) == 5 and losses[-1] < losses[0]
-    assert "images/s" in full_run["log"]
+    # Logged every 2 steps with lr and images/s; the loss goes down on this data even in 10 steps at lr 1e-3.
+    logs = full_run["recorder"].logs
+    assert [entry["step"] for entry in logs] == [2, 4, 6, 8, 10]
+    assert logs[-1]["train/loss"] < logs[0]["train/loss"] and all(e["train/images_per_sec"] > 0 for e in logs)
+    assert results["train_loss"] == pytest.approx(logs[-1]["train/loss"])
+    # 16 training images / batch 4 = 4 steps per epoch: the epochs end after steps 4 and 8, and the run at 10.
+    assert full_run["recorder"].epoch_ends == [(0, 4), (1, 8), (2, 10)]
 
 
 def test_resume_is_exact_and_skips_half_written_checkpoint(full_run, resumed_run):
-    assert "Received signal 15; saving a checkpoint at step 3" in resumed_run["log1"]
+    assert resumed_run["rc"] == (0, 0)
+    assert resumed_run["first"].steps == [1, 2, 3]  # stopped by the signal right after step 3
     assert "checkpoint-3" in resumed_run["listing_after_preemption"]
-    assert "Skipping half-written checkpoint" in resumed_run["log2"] and "checkpoint-7" in resumed_run["log2"]
-    assert re.search(r"Resuming from checkpoint \S*checkpoint-3", resumed_run["log2"])
+    # The resumed run skipped the broken checkpoint-7, continued from 3 and trained steps 4..10 only.
+    assert resumed_run["second"].steps == list(range(4, 11))
     diff = _max_diff(_weights(full_run["out"]), _weights(resumed_run["out"]))
     assert diff <= 1e-6, diff
-    # The resumed run really trained 7 more steps from step 3 (not from scratch, not a no-op).
-    assert "step 10/10" in resumed_run["log2"] and "step 2/10" not in resumed_run["log2"]
 
 
 def test_preempted_run_leaves_complete_latest(resumed_run):
@@ -144,20 +158,32 @@ def test_preempted_run_leaves_complete_latest(resumed_run):
     latest = (resumed_run["out"] / "checkpoints" / "latest").read_text().strip()
     assert latest == "checkpoint-10"  # the final checkpoint of the resumed run, not the broken one
     state = read_checkpoint_state(resumed_run["out"] / "checkpoints" / latest)
-    assert state["step"] == 10
+    assert state["step"] == 10 and (state["epoch"], state["batches_in_epoch"]) == (2, 2)
     assert not any(p.name.startswith(".tmp-") for p in (resumed_run["out"] / "checkpoints").iterdir())
 
 
 def test_bf16_runs_and_nonfinite_steps_are_skipped(bf16_nan_run):
-    log = bf16_nan_run["log"]
-    assert "Mixed precision type: bf16" in log
-    # Steps 2 and 3 are split by the logging interval (2): one warning each, the second sees the run of 2.
-    assert log.count("optimizer step(s) with a non-finite loss/gradient") == 2
-    assert "(longest run 2, 2 in total; stopping after 5 in a row)" in log
+    recorder = bf16_nan_run["recorder"]
+    assert bf16_nan_run["rc"] == 0 and recorder.mixed_precision == "bf16"
+    # Steps 2 and 3 are split by the logging interval (2): the count reaches 1 at step 2's log, 2 at step 4's.
+    assert [entry["train/skipped_steps"] for entry in recorder.logs] == [1, 2, 2]
     results = json.loads((bf16_nan_run["out"] / "all_results.json").read_text())
     assert results["skipped_nonfinite_steps"] == 2 and not results["stopped_early"]
     weights = _weights(bf16_nan_run["out"])
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_too_many_nonfinite_steps_stop_the_run_with_status_1(tmp_path, monkeypatch):
+    from simmim_hf import run_pretraining
+
+    original = run_pretraining.masked_image_modeling_loss
+    monkeypatch.setattr(run_pretraining, "masked_image_modeling_loss",
+                        lambda model, batch, state: original(model, batch, state) * float("nan"))
+    recorder = Recorder()
+    rc = pretrain(["--output_dir", tmp_path / "o", *COMMON, "--max_consecutive_nonfinite", "3"], callbacks=[recorder])
+    results = json.loads((tmp_path / "o" / "all_results.json").read_text())
+    # The guard is read at the logging interval (every 2 steps): 3 in a row are seen at step 4.
+    assert rc == 1 and results["stopped_early"] and results["global_step"] == 4 and recorder.steps == [1, 2, 3, 4]
 
 
 # ------------------------------------------------------------------------------------------------- Hub
@@ -167,12 +193,12 @@ def test_push_to_hub_standin_holds_a_loadable_model(full_run):
     for required in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md",
                      "configuration_simmim.py", "modeling_simmim.py", "image_processing_simmim.py"):
         assert required in names, names
-    assert not any(n.startswith(("checkpoints/", "logs/")) for n in names)
+    assert not any(n.startswith(("checkpoints/", "logs/", "reconstructions/")) for n in names)
     auto_map = json.loads((record / "config.json").read_text())["auto_map"]
     assert {"AutoConfig", "AutoModel", "AutoModelForMaskedImageModeling"} <= set(auto_map)
     card = (record / "README.md").read_text()
     assert "vit-nano-p4-32" in card and "trust_remote_code=True" in card and "masked-image-modeling" in card
-    assert "Hub upload of" in full_run["log"] and "retrying" in full_run["log"]  # the simulated failure
+    assert full_run["hub"].uploads == 2 and len(full_run["hub"].commits) == 1  # the first attempt failed, retried
 
     # Fresh process, away from the repo, simmim_hf not importable.
     code = (
@@ -188,16 +214,15 @@ def test_push_to_hub_standin_holds_a_loadable_model(full_run):
         "assert 'simmim_hf' not in sys.modules\n"
         "print('LOADED', type(model).__module__)\n"
     )
-    env = _env()
-    env.pop("PYTHONPATH")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     # BLOCK_SIMMIM_HF makes `import simmim_hf` fail even where the package is installed (e.g. editable).
-    proc = subprocess.run([sys.executable, "-c", BLOCK_SIMMIM_HF + code], cwd=full_run["tmp"], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", BLOCK_SIMMIM_HF + code], cwd=full_run["tmp"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
     assert proc.returncode == 0 and "LOADED transformers_modules" in proc.stdout, proc.stdout[-3000:]
 
 
 def test_token_never_written_or_logged(full_run):
-    assert FAKE_TOKEN not in full_run["log"]
+    assert full_run["log"] and FAKE_TOKEN not in full_run["log"]
     for root in (full_run["out"], full_run["record_root"]):
         for path in root.rglob("*"):
             if path.is_file():
@@ -205,84 +230,113 @@ def test_token_never_written_or_logged(full_run):
 
 
 # ----------------------------------------------------------------------------------- two processes
-def test_two_process_gloo_ddp(tmp_path):
-    out = tmp_path / "out"
-    log = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
-                "--output_dir", str(out), "--preset", "vit-nano-p4-32", "--per_device_train_batch_size", "4",
-                "--sample_data_repeats", "1", "--max_train_steps", "3", "--logging_steps", "1",
-                "--report_to", "none", "--dataloader_num_workers", "0"], tmp_path / "log.txt")
-    assert log.count("Num processes: 2") == 2 and "Backend: gloo" in log
-    firsts = dict(re.findall(r"\[RANK (\d)\] First batch sample indices: (\[[0-9, ]+\])", log))
-    assert set(firsts) == {"0", "1"}
-    shard0, shard1 = json.loads(firsts["0"]), json.loads(firsts["1"])
-    assert len(shard0) == len(shard1) == 4 and not set(shard0) & set(shard1)  # different shards
-    sums = dict(re.findall(r"\[RANK (\d)\] Final weights checksum: (\S+)", log))
-    assert set(sums) == {"0", "1"} and sums["0"] == sums["1"]  # identical weights on both ranks
-    # Total batch 8 over 16 images... 20 images -> 2 batches per rank per epoch; lr scaled by 8 / 512.
-    assert "total batch = 8" in log
+def test_two_process_ddp_equals_one_process_with_the_same_total_batch(tmp_path):
+    """2 gloo processes x batch 4 train exactly like 1 process x batch 8: each rank gets its own half of every
+    global batch (the same per-sample crops and masks) and DDP averages the gradients."""
+    args = ["--preset", "vit-nano-p4-32", "--sample_data_repeats", "1", "--max_train_steps", "2", "--learning_rate", "1e-3", "--warmup_steps",
+            "1", "--logging_steps", "1", "--report_to", "none", "--dataloader_num_workers", "0"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "HF_TOKEN"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), "--output_dir", str(tmp_path / "ddp"),
+         "--per_device_train_batch_size", "4", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    recorder = Recorder()
+    assert pretrain(["--output_dir", tmp_path / "one", "--per_device_train_batch_size", "8", *args],
+                    callbacks=[recorder]) == 0
+    ddp, one = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")
+    start = _weights_at_init()
+    assert _max_diff(ddp, start) > 1e-4  # both trained
+    assert _max_diff(ddp, one) <= 2e-6, _max_diff(ddp, one)
+    settings = json.loads((tmp_path / "ddp" / "checkpoints" / "checkpoint-2" / "checkpoint_complete.json").read_text())
+    assert settings["settings"]["num_processes"] == 2 and recorder.num_processes == 1
+
+
+def _weights_at_init() -> dict:
+    from transformers import set_seed
+
+    from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling
+
+    set_seed(42)
+    return SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("vit-nano-p4-32")).state_dict()
 
 
 # -------------------------------------------------------------------------------- in-process units
-def _load_script():
-    spec = importlib.util.spec_from_file_location("run_pretraining", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_sample_augmentation_independent_of_batching_and_workers():
     from torch.utils.data import DataLoader
 
     from simmim_hf import SimMIMConfig
+    from simmim_hf.data import EpochShuffleSampler, ImageRows, SimMIMCollator
     from simmim_hf.image_processing_simmim import SimMIMImageProcessor
     from simmim_hf.sample_data import load_sample_dataset
 
-    script = _load_script()
     processor = SimMIMImageProcessor.from_config(SimMIMConfig.from_preset("vit-nano-p4-32"))
-    dataset = script.MIMDataset(load_sample_dataset(), "image")
-    dataset.set_epoch(3)
+    rows = ImageRows(load_sample_dataset(), "image", keep_columns=())
+    collator = SimMIMCollator(processor, seed=7, keep_columns=("index",), do_train=True, return_mask=True)
 
-    def per_sample(batch_size, workers):
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                            collate_fn=script.MIMCollator(processor, seed=7))
-        result = {}
-        for batch in loader:
-            for key, x, m in zip(batch["sample_keys"].tolist(), batch["pixel_values"], batch["bool_masked_pos"]):
-                result[key] = (x, m)
-        return result
+    def per_sample(batch_size, workers, epoch, seed=0):
+        sampler = EpochShuffleSampler(len(rows), seed=seed)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(rows, batch_size=batch_size, num_workers=workers, sampler=sampler, collate_fn=collator,
+                            persistent_workers=workers > 0)
+        return {key: (x, m) for batch in loader
+                for key, x, m in zip(batch["index"].tolist(), batch["pixel_values"], batch["bool_masked_pos"])}
 
-    a, b = per_sample(4, 0), per_sample(7, 2)
-    assert a.keys() == b.keys() == set(range(len(dataset)))
+    # Another batch size, persistent workers and another shuffling order: the same crop and mask per sample.
+    a, b = per_sample(4, 0, epoch=3), per_sample(7, 2, epoch=3, seed=5)
+    assert a.keys() == b.keys() == set(range(len(rows)))
     for key in a:
         assert torch.equal(a[key][0], b[key][0]) and torch.equal(a[key][1], b[key][1])
-    dataset.set_epoch(4)  # a new epoch draws new crops/masks
-    c = per_sample(4, 0)
+    c = per_sample(4, 0, epoch=4)  # a new epoch draws new crops/masks
     assert sum(not torch.equal(a[k][1], c[k][1]) for k in a) >= len(a) // 2
+
+
+def test_epoch_travels_with_the_index_into_persistent_workers():
+    from torch.utils.data import DataLoader
+
+    from simmim_hf.data import EpochShuffleSampler, ImageRows
+    from simmim_hf.sample_data import load_sample_dataset
+
+    rows = ImageRows(load_sample_dataset(), "image")
+    sampler = EpochShuffleSampler(len(rows), seed=1)
+    loader = DataLoader(rows, batch_size=5, sampler=sampler, num_workers=2, persistent_workers=True,
+                        collate_fn=lambda batch: [(row["epoch"], row["index"]) for row in batch])
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        seen = [pair for batch in loader for pair in batch]
+        assert {e for e, _ in seen} == {epoch} and sorted(i for _, i in seen) == list(range(len(rows)))
+        orders.append([i for _, i in seen])
+    assert orders[0] != orders[1] != orders[2]
+    sampler.set_epoch(1)
+    assert [i for _, i in sampler] == orders[1]  # a pure function of (seed, epoch)
 
 
 def test_unreadable_images_are_replaced_and_counted():
     from simmim_hf import SimMIMConfig
+    from simmim_hf.data import SimMIMCollator, decode_image
     from simmim_hf.image_processing_simmim import SimMIMImageProcessor
     from simmim_hf.sample_data import load_sample_images
 
-    script = _load_script()
-    assert script.decode_image({"bytes": b"\x89PNG not really", "path": None}) is None
+    assert decode_image({"bytes": b"\x89PNG not really", "path": None}) is None
     processor = SimMIMImageProcessor.from_config(SimMIMConfig.from_preset("vit-nano-p4-32"))
     image = load_sample_images()[0]
-    batch = script.MIMCollator(processor, seed=0)(
-        [{"image": image, "key": 0, "epoch": 0}, {"image": None, "key": 1, "epoch": 0}])
+    batch = SimMIMCollator(processor, seed=0, do_train=True, return_mask=True)(
+        [{"image": image, "index": 0, "epoch": 0}, {"image": {"bytes": b"junk", "path": None}, "index": 1, "epoch": 0}])
     assert batch["pixel_values"].shape[0] == 2 and int(batch["num_unreadable"]) == 1
+    assert torch.equal(batch["pixel_values"][0], batch["pixel_values"][1])  # the readable row stands in
 
 
 def test_trainer_compatibility(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling
+    from simmim_hf.data import ImageRows, SimMIMCollator
     from simmim_hf.image_processing_simmim import SimMIMImageProcessor
     from simmim_hf.sample_data import load_sample_dataset
 
-    script = _load_script()
     config = SimMIMConfig.from_preset("vit-nano-p4-32")
     ds = load_sample_dataset().train_test_split(test_size=4, seed=0)
     processor = SimMIMImageProcessor.from_config(config)
@@ -294,9 +348,9 @@ def test_trainer_compatibility(tmp_path):
                                # The model computes its own loss from the mask; naming it as the "label"
                                # makes Trainer report eval_loss (the model has no `labels` argument).
                                label_names=["bool_masked_pos"]),
-        train_dataset=script.MIMDataset(ds["train"], "image"),
-        eval_dataset=script.MIMDataset(ds["test"], "image"),
-        data_collator=script.MIMCollator(processor, seed=0, return_extras=False),
+        train_dataset=ImageRows(ds["train"], "image"),
+        eval_dataset=ImageRows(ds["test"], "image"),
+        data_collator=SimMIMCollator(processor, seed=0, count_unreadable=False, do_train=True, return_mask=True),
     )
     train_result = trainer.train()
     metrics = trainer.evaluate()
