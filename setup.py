@@ -29,8 +29,13 @@ setup(
         "kornia>=0.7",
     ],
     extras_require={"examples": EXAMPLES, "dev": DEV},
-    # The training scripts stay `accelerate launch`-able files under examples/; the converter ships with the package.
-    entry_points={"console_scripts": ["simmim-convert = simmim_hf.convert:main"]},
+    # The jobs are package modules (`accelerate launch -m simmim_hf.run_pretraining`, or examples/ launchers), so an
+    # installed package runs them without the source tree.
+    entry_points={"console_scripts": [
+        "simmim-pretrain = simmim_hf.run_pretraining:main",
+        "simmim-finetune = simmim_hf.run_finetune:main",
+        "simmim-convert = simmim_hf.convert:main",
+    ]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -5,11 +5,14 @@ guard under `--resume_from_checkpoint latest`, and resuming with changed setting
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_pretraining import COMMON, SCRIPT, _run, _weights
+from jobs import Recorder, pretrain
+from test_pretraining import COMMON, REPO, SCRIPT, _max_diff, _weights
 
 from simmim_hf import training_utils
 from simmim_hf.training_utils import COMPLETE_MARKER, CheckpointManager
@@ -98,26 +101,27 @@ def test_resuming_with_changed_settings_is_refused_by_name(tmp_path):
 TINY = [*COMMON, "--max_train_steps", "4", "--checkpointing_steps", "2", "--dataloader_num_workers", "0"]
 
 
-def test_overwrite_output_dir_starts_over_and_latest_never_resumes_the_old_run(tmp_path):
+def test_overwrite_output_dir_starts_over_and_latest_never_resumes_the_old_run(tmp_path, capsys):
     out = tmp_path / "out"
-    _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *TINY, "--max_train_steps", "6",
-          "--checkpointing_steps", "3", "--seed", "1"], tmp_path / "a.txt")
+    assert pretrain(["--output_dir", out, *TINY, "--max_train_steps", "6", "--checkpointing_steps", "3",
+                     "--seed", "1"]) == 0
     assert (out / "checkpoints" / "checkpoint-6").is_dir()
-    _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *TINY, "--seed", "2", "--overwrite_output_dir",
-          "--checkpoints_total_limit", "1"], tmp_path / "b.txt")
+    assert pretrain(["--output_dir", out, *TINY, "--seed", "2", "--overwrite_output_dir",
+                     "--checkpoints_total_limit", "1"]) == 0
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4"]
     b_weights = _weights(out)
-    # A later resume finds run B's finished state, never run A's checkpoint-6.
-    log = _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *TINY, "--seed", "2",
-                "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest"], tmp_path / "c.txt")
-    assert "checkpoint-4" in log and "checkpoint-6" not in log
+    # A later resume finds run B's finished state (nothing left to train), never run A's checkpoint-6.
+    recorder = Recorder()
+    assert pretrain(["--output_dir", out, *TINY, "--seed", "2", "--checkpoints_total_limit", "1",
+                     "--resume_from_checkpoint", "latest"], callbacks=[recorder]) == 0
+    assert recorder.steps == []
     after = _weights(out)
     assert all((after[k] == b_weights[k]).all() for k in after)
     assert json.loads((out / "training_args.json").read_text())["seed"] == 2
-    # Contradictory flags are refused up front.
-    log = _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *TINY, "--overwrite_output_dir",
-                "--resume_from_checkpoint", "latest"], tmp_path / "d.txt", expect_rc=2)
-    assert "contradict" in log
+    # Contradictory flags are refused up front, with argparse's usage error.
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain(["--output_dir", out, *TINY, "--overwrite_output_dir", "--resume_from_checkpoint", "latest"])
+    assert exit_info.value.code == 2 and "contradict" in capsys.readouterr().err
 
 
 def test_resume_latest_does_not_take_over_a_foreign_non_empty_folder(tmp_path):
@@ -125,20 +129,19 @@ def test_resume_latest_does_not_take_over_a_foreign_non_empty_folder(tmp_path):
     out.mkdir()
     (out / "README.md").write_text("my notes")
     (out / "config.json").write_text('{"mine": true}')
-    log = _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *TINY, "--resume_from_checkpoint", "latest"],
-               tmp_path / "log.txt", expect_rc=1)
-    assert "not empty" in log and "--overwrite_output_dir" in log
+    with pytest.raises(ValueError, match="not empty.*--overwrite_output_dir"):
+        pretrain(["--output_dir", out, *TINY, "--resume_from_checkpoint", "latest"])
     assert (out / "README.md").read_text() == "my notes" and json.loads((out / "config.json").read_text()) == {"mine": True}
 
 
 def test_resume_with_another_batch_size_is_refused(tmp_path):
     out = tmp_path / "out"
-    _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *TINY], tmp_path / "a.txt")
-    log = _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *TINY, "--max_train_steps", "6",
-                "--per_device_train_batch_size", "2", "--resume_from_checkpoint", "latest"], tmp_path / "b.txt",
-               expect_rc=1)
-    assert "per_device_train_batch_size: 4 in the checkpoint, 2 now" in log
-    assert "max_train_steps: 4 in the checkpoint, 6 now" in log
+    assert pretrain(["--output_dir", out, *TINY]) == 0
+    with pytest.raises(ValueError) as err:
+        pretrain(["--output_dir", out, *TINY, "--max_train_steps", "6", "--per_device_train_batch_size", "2",
+                  "--resume_from_checkpoint", "latest"])
+    assert "per_device_train_batch_size: 4 in the checkpoint, 2 now" in str(err.value)
+    assert "max_train_steps: 4 in the checkpoint, 6 now" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------- kills everywhere
@@ -211,19 +214,17 @@ def test_a_kill_at_every_filesystem_step_of_a_save_leaves_a_complete_resumable_c
 def test_real_sigkills_at_several_points_resume_to_identical_weights(tmp_path):
     """kill -9 at several moments of a run that checkpoints every step (so kills land in and around saves);
     `--resume_from_checkpoint latest` must always finish with the uninterrupted run's weights."""
-    import os
     import signal
-    import subprocess
     import time
 
-    from test_pretraining import _env, _max_diff
-
     args = [*TINY, "--max_train_steps", "6", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"]
-    _run([sys.executable, str(SCRIPT), "--output_dir", str(tmp_path / "full"), *args], tmp_path / "full.txt")
+    assert pretrain(["--output_dir", tmp_path / "full", *args]) == 0
     expected = _weights(tmp_path / "full")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "HF_TOKEN"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     for n, delay in enumerate((0.0, 0.03, 0.1)):
         out = tmp_path / f"killed{n}"
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), "--output_dir", str(out), *args], env=_env(),
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), "--output_dir", str(out), *args], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 240
         target = 2 + n  # kill shortly after checkpoint-(2+n) starts appearing
@@ -234,8 +235,7 @@ def test_real_sigkills_at_several_points_resume_to_identical_weights(tmp_path):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-        _run([sys.executable, str(SCRIPT), "--output_dir", str(out), *args, "--resume_from_checkpoint", "latest"],
-             tmp_path / f"resume{n}.txt")
+        assert pretrain(["--output_dir", out, *args, "--resume_from_checkpoint", "latest"]) == 0
         assert _max_diff(_weights(out), expected) <= 1e-6, f"kill {n} (after checkpoint-{target} + {delay} s)"
 
 

@@ -1,20 +1,25 @@
-"""The fine-tuning example end to end on the embedded digits: `accelerate launch`, evaluate metrics,
-resolution transfer inside the script, exact resume, and a linear probe that leaves the encoder untouched."""
+"""The fine-tuning job end to end on the embedded digits: `accelerate launch`, evaluate metrics,
+resolution transfer inside the job, exact resume (at an epoch boundary and mid-epoch after SIGTERM), and a
+linear probe that leaves the encoder untouched."""
 
-import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from jobs import Recorder, finetune
 from safetensors.torch import load_file
 
 from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling
+from simmim_hf.arguments import FinetuningArguments, parse_args
+from simmim_hf.augmentation import FinetuneAugmentation, mix_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "run_finetune.py"
@@ -25,10 +30,8 @@ TINY = ["--num_train_epochs", "2", "--warmup_epochs", "1", "--per_device_train_b
 
 @pytest.fixture(scope="module")
 def run_finetune():
-    spec = importlib.util.spec_from_file_location("run_finetune", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The job in-process (a fresh Accelerate state per run) and its argument parser."""
+    return SimpleNamespace(run=finetune, parse_args=lambda argv: parse_args(FinetuningArguments, argv))
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +93,25 @@ def test_resume_reproduces_the_uninterrupted_run(run_finetune, tmp_path):
     assert results2["history"][1]["accuracy"] == results["history"][1]["accuracy"]
 
 
+def test_sigterm_mid_epoch_saves_and_resumes_exactly(run_finetune, tmp_path):
+    """A signal after step 2 of an epoch of 3: the job checkpoints at step 2 and stops; resuming replays the rest
+    of the epoch (order, crops, RandAugment, mixup) exactly as the uninterrupted run."""
+    args = ["--preset", "vit-nano-p4-32", *TINY, "--checkpoints_total_limit", "5", "--dataloader_num_workers", "1"]
+    full, _ = run_finetune.run(["--output_dir", tmp_path / "full", *args])
+    stopper = Recorder(at_step={2: lambda: os.kill(os.getpid(), signal.SIGTERM)})
+    stopped, _ = run_finetune.run(["--output_dir", tmp_path / "cut", *args], callbacks=[stopper])
+    assert stopped["preempted"] and stopper.steps == [1, 2] and stopped["history"] == []
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+    resumer = Recorder()
+    resumed, _ = run_finetune.run(["--output_dir", tmp_path / "cut", *args, "--resume_from_checkpoint", "latest"],
+                                  callbacks=[resumer])
+    assert resumer.steps == [3, 4, 5, 6] and resumer.epoch_ends == [(0, 3), (1, 6)]
+    a, b = load_file(tmp_path / "full" / "last" / "model.safetensors"), load_file(tmp_path / "cut" / "last" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert [r["accuracy"] for r in resumed["history"]] == [r["accuracy"] for r in full["history"]]
+
+
 def test_linear_probe_leaves_encoder_unchanged(run_finetune, pretrained_dirs, tmp_path):
     path = pretrained_dirs["vit-nano-p4-32"]
     results, probe = run_finetune.run(["--model_name_or_path", str(path), "--linear_probe", "--probe_layer", "1",
@@ -105,22 +127,18 @@ def test_linear_probe_leaves_encoder_unchanged(run_finetune, pretrained_dirs, tm
     assert 0.0 <= results["best"]["accuracy"] <= 1.0
 
 
-def test_mixup_cutmix_targets(run_finetune):
-    class Args:
-        label_smoothing, mixup, cutmix, mixup_switch_prob = 0.1, 0.0, 1.0, 0.5
-
+def test_mixup_cutmix_targets():
     x = torch.zeros(4, 3, 8, 8)
     x[1] = 1.0
     labels = torch.tensor([0, 1, 2, 3])
-    mixed, targets = run_finetune.mix_batch(x, labels, 5, Args, np.random.default_rng(0))
+    mixed, targets = mix_batch(x, labels, 5, mixup=0.0, cutmix=1.0, label_smoothing=0.1, rng=np.random.default_rng(0))
     torch.testing.assert_close(targets.sum(1), torch.ones(4))
     # Image 2 is pasted from image 1 (the flipped batch): the pasted area fraction is its label weight.
     area = mixed[2, 0].mean().item()
     on, off = 1 - 0.1 + 0.1 / 5, 0.1 / 5
     assert targets[2, 1].item() == pytest.approx(area * on + (1 - area) * off, abs=1e-6)
     assert targets[2, 2].item() == pytest.approx((1 - area) * on + area * off, abs=1e-6)
-    Args.mixup, Args.cutmix = 0.8, 0.0
-    mixed, targets = run_finetune.mix_batch(x, labels, 5, Args, np.random.default_rng(1))
+    mixed, targets = mix_batch(x, labels, 5, mixup=0.8, cutmix=0.0, label_smoothing=0.1, rng=np.random.default_rng(1))
     lam = 1.0 - mixed[2, 0, 0, 0].item()  # image 2 (zeros) mixed with image 1 (ones) at weight 1 - lam
     assert targets[2, 2].item() == pytest.approx(lam * on + (1 - lam) * off, abs=1e-6)
 
@@ -136,7 +154,7 @@ def test_official_recipe_is_the_default(run_finetune, pretrained_dirs, tmp_path,
         (0.0, 0.0, 0.0, "none", 0.0)
 
     seen = []
-    original = run_finetune.FinetuneAugmentation.forward
+    original = FinetuneAugmentation.forward
 
     def spy(self, pixel_values):
         out = original(self, pixel_values)
@@ -144,7 +162,7 @@ def test_official_recipe_is_the_default(run_finetune, pretrained_dirs, tmp_path,
                      bool((out != pixel_values).any())))
         return out
 
-    monkeypatch.setattr(run_finetune.FinetuneAugmentation, "forward", spy)
+    monkeypatch.setattr(FinetuneAugmentation, "forward", spy)
     results, model = run_finetune.run(["--model_name_or_path", str(pretrained_dirs["vit-nano-p4-32"]),
                                        "--output_dir", str(tmp_path / "ft"), *TINY])
     assert len(seen) == 2 * 3  # every training batch: 48 samples / 16, 2 epochs

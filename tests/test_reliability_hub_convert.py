@@ -1,15 +1,12 @@
 """Regression tests for issue 10: the Hub push fails fast on deterministic errors and a run whose final push
 failed exits non-zero (after saving everything locally); `all_results.json` is valid JSON when a value is not
 finite; the converter's default masking unit leaves enough units at small resolutions and its errors name the
-problem. CPU only, no network (`HF_HUB_OFFLINE=1`; uploads go to fakes or to tests/pretrain_hub_standin.py)."""
+problem. CPU only, no network (`HF_HUB_OFFLINE=1`; uploads go to fakes or to the stand-in of tests/jobs.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,18 +17,11 @@ import torch
 from huggingface_hub import errors as hub_errors
 from safetensors.torch import save_file
 
+from jobs import HubStandin, finetune, pretrain
 from simmim_hf.training_utils import HubPusher
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
-STANDIN = REPO / "tests" / "pretrain_hub_standin.py"
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"issue10_{name}", REPO / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def http_error(status: int, cls=hub_errors.HfHubHTTPError):
@@ -142,49 +132,48 @@ def test_manual_push_command_names_repo_folder_and_excludes():
 
 # ------------------------------------------------------------------------------------- scripts: start-up abort
 def test_pretraining_aborts_before_training_when_the_repo_cannot_be_created(tmp_path):
-    run_pretraining = _load_script("run_pretraining")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        run_pretraining.main(["--preset", "vit-nano-p4-32", "--output_dir", str(out), "--max_train_steps", "3",
-                              "--report_to", "none", "--push_to_hub", "--hub_model_id", "tester/simmim-offline"])
+        pretrain(["--preset", "vit-nano-p4-32", "--output_dir", out, "--max_train_steps", "3", "--report_to", "none",
+                  "--push_to_hub", "--hub_model_id", "tester/simmim-offline"])
     message = str(exit_info.value.code)
     assert "--push_to_hub" in message and "--hub_model_id" in message and "HF_HUB_OFFLINE" in message
     assert not out.exists(), "nothing may be written before the Hub repo exists"
 
 
 def test_finetune_aborts_before_training_when_the_repo_cannot_be_created(tmp_path):
-    run_finetune = _load_script("run_finetune")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        run_finetune.run(["--preset", "vit-nano-p4-32", "--output_dir", str(out), "--cpu", "--num_train_epochs", "1",
-                          "--max_train_samples", "16", "--max_eval_samples", "16",
-                          "--push_to_hub", "--hub_model_id", "tester/simmim-offline"])
+        finetune(["--preset", "vit-nano-p4-32", "--output_dir", out, "--cpu", "--num_train_epochs", "1",
+                  "--max_train_samples", "16", "--max_eval_samples", "16",
+                  "--push_to_hub", "--hub_model_id", "tester/simmim-offline"])
     assert "--push_to_hub" in str(exit_info.value.code) and "HF_HUB_OFFLINE" in str(exit_info.value.code)
     assert not out.exists()
 
 
 # ------------------------------------------------------------------------- scripts: failed push, NaN results
-def test_pretraining_whose_push_failed_exits_1_after_saving_and_writes_valid_json(tmp_path):
+def test_pretraining_whose_push_failed_exits_1_after_saving_and_writes_valid_json(tmp_path, monkeypatch, caplog):
     """Every upload fails (transiently) and no step is finite: exit 1 (not 0), the folder complete, and
     all_results.json with null (not a bare NaN) for the loss."""
+    from simmim_hf import run_pretraining
+
     out, record = tmp_path / "out", tmp_path / "hub"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "HF_TOKEN"))}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
-               STANDIN_UPLOAD="down")
-    cmd = [sys.executable, str(STANDIN), str(record), "--output_dir", str(out), "--preset", "vit-nano-p4-32",
-           "--per_device_train_batch_size", "4", "--sample_data_repeats", "1", "--validation_split_percentage", "20",
-           "--max_train_steps", "2", "--warmup_steps", "1", "--logging_steps", "1", "--report_to", "none",
-           "--dataloader_num_workers", "0", "--num_visualize_images", "2", "--debug_nonfinite_steps", "1,2",
-           "--max_consecutive_nonfinite", "5", "--push_to_hub", "--hub_model_id", "tester/simmim-nano"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=300)
-    log = proc.stdout
-    assert proc.returncode == 1, f"exit {proc.returncode}:\n{log[-4000:]}"
+    hub = HubStandin(record, monkeypatch, failures=10**6, backoff_seconds=0.01)
+    monkeypatch.setattr(run_pretraining, "masked_image_modeling_loss",
+                        lambda model, batch, state: model(**{k: batch[k] for k in ("pixel_values", "bool_masked_pos")}
+                                                          ).loss * float("nan"))
+    with caplog.at_level("ERROR"):
+        rc = pretrain(["--output_dir", out, "--preset", "vit-nano-p4-32", "--per_device_train_batch_size", "4",
+                       "--sample_data_repeats", "1", "--validation_split_percentage", "20", "--max_train_steps", "2",
+                       "--warmup_steps", "1", "--logging_steps", "1", "--report_to", "none",
+                       "--dataloader_num_workers", "0", "--num_visualize_images", "2", "--max_consecutive_nonfinite",
+                       "5", "--push_to_hub", "--hub_model_id", "tester/simmim-nano"])
+    assert rc == 1
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "all_results.json"):
         assert (out / name).is_file(), name
-    assert not (record / "commits.txt").exists()  # nothing reached the stand-in Hub
-    assert "Push to the Hub failed" in log and f"The local folder {out} is complete" in log
-    assert f"hf upload tester/simmim-nano {out} --exclude 'checkpoints/*'" in log
+    assert hub.uploads > 1 and not hub.commits  # retried, and nothing reached the stand-in Hub
+    assert "Push to the Hub failed" in caplog.text and f"The local folder {out} is complete" in caplog.text
+    assert f"hf upload tester/simmim-nano {out} --exclude 'checkpoints/*'" in caplog.text
 
     text = (out / "all_results.json").read_text()
     assert "NaN" not in text
@@ -196,7 +185,8 @@ def test_pretraining_whose_push_failed_exits_1_after_saving_and_writes_valid_jso
 def test_finetune_whose_push_failed_returns_1_and_writes_valid_json(tmp_path, monkeypatch):
     import huggingface_hub
 
-    run_finetune = _load_script("run_finetune")
+    from simmim_hf import run_finetune
+
     uploads = []
 
     def create_repo(self, repo_id, **kwargs):
@@ -208,13 +198,16 @@ def test_finetune_whose_push_failed_returns_1_and_writes_valid_json(tmp_path, mo
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    evaluate_model = run_finetune.evaluate_model
+    evaluate_classifier = run_finetune.evaluate_classifier
 
     def diverged(*args, **kwargs):  # a diverged run: non-finite eval loss
-        return {**evaluate_model(*args, **kwargs), "loss": float("nan")}
+        return {**evaluate_classifier(*args, **kwargs), "loss": float("nan")}
 
-    monkeypatch.setattr(run_finetune, "evaluate_model", diverged)
+    monkeypatch.setattr(run_finetune, "evaluate_classifier", diverged)
     out = tmp_path / "out"
+    from jobs import reset_accelerate
+
+    reset_accelerate()
     rc = run_finetune.main(["--preset", "vit-nano-p4-32", "--output_dir", str(out), "--cpu", "--num_train_epochs", "1",
                             "--warmup_epochs", "0", "--per_device_train_batch_size", "16", "--max_train_samples", "16",
                             "--max_eval_samples", "16", "--seed", "3", "--push_to_hub", "--hub_model_id", "tester/ft"])

@@ -1,35 +1,41 @@
-"""Flags both scripts share mean the same thing: config overrides in transformers' syntax with lists,
-fractional lr milestones, --gradient_checkpointing and --max_train_steps in fine-tuning too."""
+"""Flags both jobs share mean the same thing (one dataclass per group, `simmim_hf.arguments`): config overrides
+in transformers' syntax with lists, fractional lr milestones, --gradient_checkpointing and --max_train_steps in
+fine-tuning too; the learning-rate arithmetic is one definition (`LearningRatePlan`)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import dataclasses
+import json
+from types import SimpleNamespace
 
 import pytest
+from jobs import finetune as run_finetune_job
 
 from simmim_hf import SimMIMConfig
+from simmim_hf.arguments import (
+    DataArguments,
+    FinetuningArguments,
+    ModelArguments,
+    OptimizationArguments,
+    OutputArguments,
+    PretrainingArguments,
+    parse_args,
+)
 from simmim_hf.configuration_simmim import parse_config_overrides
-from simmim_hf.optimization import parse_milestones
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from simmim_hf.optimization import LearningRatePlan, parse_milestones
 
 
 @pytest.fixture(scope="module")
 def pretraining():
-    return _load("run_pretraining")
+    from simmim_hf import run_pretraining
+
+    return SimpleNamespace(parse_args=lambda argv: parse_args(PretrainingArguments, argv),
+                           build_model_and_processor=run_pretraining.build_model_and_processor)
 
 
 @pytest.fixture(scope="module")
 def finetune():
-    return _load("run_finetune")
+    return SimpleNamespace(parse_args=lambda argv: parse_args(FinetuningArguments, argv), run=run_finetune_job)
 
 
 def test_override_syntax_takes_lists_and_recomputes_derived_fields():
@@ -88,3 +94,95 @@ def test_finetune_takes_max_train_steps_milestones_overrides_and_checkpointing(f
     assert [r["epoch"] for r in results["history"]] == [0, 1] and results["epochs"] == 2
     steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "o" / "checkpoints").glob("checkpoint-*"))
     assert steps[-1] == 4
+
+
+def test_shared_flags_have_one_definition_and_the_same_defaults():
+    shared = [ModelArguments, DataArguments, OptimizationArguments, OutputArguments]
+    recipe = {"base_learning_rate", "warmup_lr", "min_lr", "warmup_epochs", "validation_split_percentage"}
+    pre = {f.name: f for f in dataclasses.fields(PretrainingArguments)}
+    fine = {f.name: f for f in dataclasses.fields(FinetuningArguments)}
+    for group in shared:
+        for field in dataclasses.fields(group):
+            assert field.name in pre and field.name in fine, field.name
+            if field.name not in recipe:
+                assert pre[field.name].default == fine[field.name].default, field.name
+                assert pre[field.name].metadata["help"] == fine[field.name].metadata["help"], field.name
+    # Where the paper's recipes differ, only the default does.
+    assert (pre["base_learning_rate"].default, fine["base_learning_rate"].default) == (1e-4, 1.25e-3)
+    assert (pre["warmup_epochs"].default, fine["warmup_epochs"].default) == (10.0, 20.0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1; got 0"),
+    (["--lr_scheduler_type", "multistep"], "--lr_milestones"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm must be >= 0; got -1.0"),
+    (["--dataset_name", "a/b", "--train_dir", "x"], "exclusive"),
+    (["--hub_model_id", "u/r"], "only used with --push_to_hub"),
+    (["--learning_rate", "0"], "--learning_rate must be > 0"),
+])
+def test_bad_shared_flags_are_refused_by_name_in_both_jobs(argv, message, tmp_path, capsys):
+    for arguments in (PretrainingArguments, FinetuningArguments):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(arguments, ["--preset", "vit-nano-p4-32", "--output_dir", str(tmp_path), *argv])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unknown_flags_and_a_missing_output_dir_are_usage_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(PretrainingArguments, ["--output_dir", str(tmp_path), "--debug_sigterm_at_step", "3"])
+    assert "unrecognized arguments: --debug_sigterm_at_step" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(FinetuningArguments, ["--preset", "vit-nano-p4-32"])
+    assert "--output_dir" in capsys.readouterr().err
+
+
+def test_learning_rate_plan_scales_and_keeps_warmup_and_final_ratios(tmp_path):
+    args = parse_args(PretrainingArguments, ["--output_dir", str(tmp_path), "--per_device_train_batch_size", "32",
+                                             "--gradient_accumulation_steps", "2", "--warmup_epochs", "1.5",
+                                             "--num_train_epochs", "4", "--lr_milestones", "2.5"])
+    plan = LearningRatePlan.from_args(args, num_processes=4, batches_per_epoch=21)
+    assert plan.total_batch_size == 256 and plan.steps_per_epoch == 11  # ceil(21 / 2): the last step is partial
+    assert plan.peak_lr == pytest.approx(1e-4 * 256 / 512)
+    assert (plan.warmup_lr, plan.min_lr) == (pytest.approx(5e-7 * 0.5), pytest.approx(5e-6 * 0.5))
+    assert (plan.max_train_steps, plan.warmup_steps, plan.milestones, plan.num_epochs) == (44, 16, (27,), 4)
+    given = LearningRatePlan.from_args(dataclasses.replace(args, learning_rate=1e-3), 4, 21)
+    assert given.peak_lr == 1e-3 and given.min_lr == pytest.approx(5e-6 * 10)  # the same ratio to the peak
+    stream = LearningRatePlan.from_args(dataclasses.replace(args, max_train_steps=7, warmup_steps=100), 4, None)
+    assert (stream.steps_per_epoch, stream.num_epochs, stream.max_train_steps, stream.warmup_steps) == (None, None, 7, 7)
+    with pytest.raises(ValueError, match="max_train_steps"):
+        LearningRatePlan.from_args(args, 4, None)
+
+
+@pytest.mark.parametrize("command, target, flag", [
+    ("simmim-pretrain", "simmim_hf.run_pretraining:main", "--sample_data_repeats"),
+    ("simmim-finetune", "simmim_hf.run_finetune:main", "--linear_probe"),
+    ("simmim-convert", "simmim_hf.convert:main", "--source"),
+])
+def test_console_entry_points_are_installed_with_the_package(command, target, flag):
+    """`pip install simmim_hf` provides the three commands (setup.py entry points), usable without the repo."""
+    import shutil
+    import subprocess
+    from importlib.metadata import entry_points
+
+    (entry,) = [e for e in entry_points(group="console_scripts") if e.name == command]
+    assert entry.value == target
+    executable = shutil.which(command)
+    if executable is not None:  # on PATH where the package is installed into the running environment
+        result = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and flag in result.stdout, result.stderr[-2000:]
+
+
+def test_derived_fields_are_computed_not_stored(tmp_path):
+    """config.json holds no derived value (`encoder_stride`, Swin `hidden_size`), so editing a saved config cannot
+    leave a stale one that loading would reject; an explicit conflicting value is still an error naming it."""
+    config = SimMIMConfig.from_preset("swin-nano-w4-32")
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "encoder_stride" not in saved and "hidden_size" not in saved
+    saved["embed_dim"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    edited = SimMIMConfig.from_pretrained(tmp_path)
+    assert (edited.hidden_size, edited.encoder_stride) == (128, config.encoder_stride)
+    assert "hidden_size" in SimMIMConfig.from_preset("vit-nano-p4-32").to_dict()  # a real field for ViT
+    with pytest.raises(ValueError, match="hidden_size"):
+        SimMIMConfig(**{**saved, "hidden_size": 64})
