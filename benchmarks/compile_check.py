@@ -14,12 +14,8 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling  # noqa: E402
 

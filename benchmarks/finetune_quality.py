@@ -34,17 +34,15 @@ Writes `results.json`, `results.md` (the table), `<arm>/pretrain_loss.png` and `
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -220,10 +218,18 @@ def frozen_feature_scores(model, config, train, test) -> dict:
 
 
 def load_finetune_script():
-    spec = importlib.util.spec_from_file_location("run_finetune", ROOT / "examples" / "run_finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The fine-tuning job, run in-process (one Accelerate state per run)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from simmim_hf import run_finetune
+
+    def run(argv):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState._reset_state()
+        GradientState._reset_state()
+        return run_finetune.run(argv)
+
+    return SimpleNamespace(run=run)
 
 
 def summarize(values: list[float]) -> dict:

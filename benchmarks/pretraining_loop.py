@@ -12,32 +12,21 @@ One run each (after warmup steps), printed as a table. Not a test.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# The run_mim.py baseline's mask generator lives beside the processor benchmark (`python benchmarks/...` puts
+# this folder on sys.path).
+from processor import MaskGenerator
 
-from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling  # noqa: E402
-from simmim_hf.image_processing_simmim import SimMIMImageProcessor  # noqa: E402
-from simmim_hf.optimization import build_param_groups  # noqa: E402
-from simmim_hf.sample_data import load_sample_dataset  # noqa: E402
-
-# The run_mim.py baseline's mask generator lives beside the processor benchmark (this folder is on sys.path).
-from processor import MaskGenerator  # noqa: E402
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("run_pretraining", REPO / "examples" / "run_pretraining.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling
+from simmim_hf.data import EpochShuffleSampler, ImageRows, SimMIMCollator, create_dataloader
+from simmim_hf.image_processing_simmim import SimMIMImageProcessor
+from simmim_hf.optimization import build_param_groups
+from simmim_hf.sample_data import load_sample_dataset
 
 
 def timed_loop(loader, step_fn, warmup: int, steps: int, batch_size: int) -> float:
@@ -79,7 +68,6 @@ def main():
     from transformers import ViTConfig, ViTForMaskedImageModeling, ViTImageProcessor
 
     device = torch.device(args.device)
-    script = _script()
     torch.manual_seed(0)
     cfg = SimMIMConfig.from_preset(args.preset)
     if cfg.encoder_type != "vit":
@@ -91,10 +79,11 @@ def main():
 
     # ---- simmim_hf: raw images in workers, one processor call per batch with per-sample seeds
     processor = SimMIMImageProcessor.from_config(cfg)
-    ours_ds = script.MIMDataset(hf_ds, "image")
-    ours_loader = DataLoader(ours_ds, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=workers,
-                             collate_fn=script.MIMCollator(processor, seed=0), prefetch_factor=4,
-                             pin_memory=device.type == "cuda")
+    ours_rows = ImageRows(hf_ds, "image")
+    ours_loader = create_dataloader(ours_rows, args.batch_size, SimMIMCollator(processor, seed=0, do_train=True,
+                                                                               return_mask=True),
+                                    sampler=EpochShuffleSampler(len(ours_rows), seed=0), drop_last=True,
+                                    num_workers=workers, pin_memory=device.type == "cuda")
     ours_model = SimMIMForMaskedImageModeling(cfg).to(device).train()
     ours_opt = torch.optim.AdamW(build_param_groups(ours_model, 0.05), lr=1e-4, fused=True)
     for g in ours_opt.param_groups:
@@ -133,7 +122,7 @@ def main():
     print(f"preset={args.preset} batch={args.batch_size} steps={args.steps} workers={workers} device={device} "
           f"bf16={args.bf16} torch_threads={torch.get_num_threads()}")
     print(f"{'loop':<44}{'params':>10}{'images/s':>12}")
-    print(f"{'simmim_hf (MIMDataset + MIMCollator)':<44}{n_ours:>10,}{ours:>12.1f}")
+    print(f"{'simmim_hf (ImageRows + SimMIMCollator)':<44}{n_ours:>10,}{ours:>12.1f}")
     print(f"{'run_mim.py-style (ViTForMaskedImageModeling)':<44}{n_base:>10,}{base:>12.1f}")
     print(f"ratio simmim_hf / run_mim-style: {ours / base:.2f}x")
 

@@ -19,19 +19,13 @@ import io
 import math
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 from transformers import ViTImageProcessorPil
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
-
-_REPO_ROOT = Path(__file__).resolve().parents[1]  # run from a source checkout without `pip install -e .`
-if (_REPO_ROOT / "simmim_hf").is_dir() and str(_REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(_REPO_ROOT))
 
 from simmim_hf import SimMIMImageProcessor  # noqa: E402
 

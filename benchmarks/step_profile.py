@@ -21,15 +21,12 @@ rewrite of the reference can reach while it runs those kernels, however cheap it
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+# `python benchmarks/step_profile.py` puts this folder on sys.path: the sibling benchmark imports directly.
 from train_step import PAIRS, Runner  # noqa: E402
 
 CATEGORIES = {

@@ -49,8 +49,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 from transformers import SwinConfig, SwinForMaskedImageModeling, ViTConfig, ViTForMaskedImageModeling  # noqa: E402
 
 from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling  # noqa: E402
