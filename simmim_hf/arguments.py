@@ -304,6 +304,17 @@ def parse_args(dataclass_type: type[T], argv: list[str] | None = None, descripti
         parser.error(str(err))
 
 
+def apply_config_overrides(config, overrides: str | None):
+    """`config` with `--config_overrides` applied (`SimMIMConfig.with_overrides`: transformers' syntax, lists
+    allowed, derived fields recomputed, validated as a whole); an error names the flag."""
+    if not overrides:
+        return config
+    try:
+        return config.with_overrides(overrides)
+    except ValueError as err:
+        raise ValueError(f"--config_overrides: {err}") from None
+
+
 def public_dict(args) -> dict:
     """The arguments as JSON values, for logs, trackers and `training_args.json` (no secret is ever an
     argument: the Hub token only comes from the environment)."""
@@ -317,6 +328,7 @@ __all__ = [
     "OptimizationArguments",
     "OutputArguments",
     "PretrainingArguments",
+    "apply_config_overrides",
     "parse_args",
     "public_dict",
 ]

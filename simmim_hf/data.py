@@ -29,6 +29,7 @@ workers of different ranks draw different streams.
 from __future__ import annotations
 
 import io
+import math
 import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -110,9 +111,15 @@ class SimMIMTransform(_SeededProcessing):
         return out
 
 
-def decode_image(value):
+def decode_image(value, smallest_size=None):
     """Decode one image cell: a `datasets.Image(decode=False)` value ({'bytes', 'path'}), a path or a PIL image.
-    Returns an RGB PIL image, or None when the file cannot be read (truncated, corrupt, missing).
+    Returns the decoded PIL image in its own mode (the processor converts modes, compositing transparency onto
+    white), or None when the file cannot be read (truncated, corrupt, missing).
+
+    `smallest_size(width, height) -> (width, height) or None`: the smallest decoded size the transform can use
+    without upsampling; a JPEG is then decoded at the largest reduction (1/2, 1/4, 1/8, done by libjpeg in the
+    DCT, PIL's `draft` mode) that keeps it at least that large, which skips most of the decoding work for photos
+    much larger than the model's input.
 
     Decoding in the collator rather than inside `datasets` lets one corrupt file cost one sample (replaced and
     counted) instead of crashing a dataloader worker hours into a run."""
@@ -120,13 +127,40 @@ def decode_image(value):
 
     try:
         if isinstance(value, Image.Image):
-            return value.convert("RGB")
+            return value
         data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (None, value)
         image = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
+        if smallest_size is not None and image.format == "JPEG":
+            target = smallest_size(*image.size)
+            if target is not None:
+                image.draft(image.mode, target)
         image.load()  # force the full decode now: truncated files fail here, not in the processor
-        return image.convert("RGB")
+        return image
     except Exception:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, ...)
         return None
+
+
+def smallest_decode_size(processor: SimMIMImageProcessor, do_train: bool):
+    """For `decode_image`: the smallest image size at which every crop `processor` can take (training:
+    RandomResizedCrop over `crop_scale` x `crop_ratio`; evaluation: the resize before the center crop) still
+    covers the output size, so a reduced decode never makes the processor upsample."""
+    from .image_processing_simmim import eval_resize_shape
+
+    out_h, out_w = processor.size["height"], processor.size["width"]
+
+    def train(width: int, height: int):
+        area = processor.crop_scale[0] * width * height
+        # The narrowest and the flattest crop the sampler can draw (a crop never exceeds the image).
+        crop_w = min(width, math.sqrt(area * processor.crop_ratio[0]))
+        crop_h = min(height, math.sqrt(area / processor.crop_ratio[1]))
+        shrink = min(crop_w / out_w, crop_h / out_h)
+        return (math.ceil(width / shrink), math.ceil(height / shrink)) if shrink >= 2 else None
+
+    def evaluate(width: int, height: int):
+        resized_h, resized_w = eval_resize_shape(height, width, (out_h, out_w), processor.crop_pct)
+        return (resized_w, resized_h) if min(width / resized_w, height / resized_h) >= 2 else None
+
+    return train if do_train else evaluate
 
 
 class SimMIMCollator(_SeededProcessing):
@@ -141,6 +175,8 @@ class SimMIMCollator(_SeededProcessing):
         image_column, index_column (`str`): row keys of the image cell and of the stable dataset index.
         keep_columns (`Sequence[str]`): other row keys to stack into tensors (`"label"` becomes `labels`).
         count_unreadable (`bool`): add `num_unreadable` to the batch (turn off for `transformers.Trainer`).
+        reduced_decoding (`bool`): decode JPEGs much larger than the crops need at a reduced size
+            (`smallest_decode_size`); the result differs from a full decode by the resampling only.
         **processor_kwargs: per-call processor arguments, e.g. `do_train=True, return_mask=False`.
 
     A row's `epoch` key (set by `ImageRows` / `StreamingImageRows`) takes precedence over `set_epoch`, so the
@@ -152,14 +188,16 @@ class SimMIMCollator(_SeededProcessing):
 
     def __init__(self, processor: SimMIMImageProcessor, seed: int | None = None, image_column: str = "image",
                  index_column: str = "index", keep_columns: Sequence[str] = (), count_unreadable: bool = True,
-                 **processor_kwargs):
+                 reduced_decoding: bool = True, **processor_kwargs):
         super().__init__(processor, seed, image_column, index_column, keep_columns, processor_kwargs)
         self.count_unreadable = count_unreadable  # False for `transformers.Trainer`: it passes every key to the model
+        do_train = processor_kwargs.get("do_train", processor.do_train)
+        self.smallest_size = smallest_decode_size(processor, do_train) if reduced_decoding else None
 
     def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         if len(rows) == 0:
             raise ValueError("`rows` is empty; got an empty batch.")
-        images = [decode_image(row[self.image_column]) for row in rows]
+        images = [decode_image(row[self.image_column], self.smallest_size) for row in rows]
         readable = [i for i, image in enumerate(images) if image is not None]
         if not readable:
             raise RuntimeError(f"All {len(rows)} images of a batch are unreadable; check the dataset.")
@@ -483,4 +521,5 @@ __all__ = [
     "sample_seed",
     "seed_worker",
     "simmim_collate_fn",
+    "smallest_decode_size",
 ]

@@ -40,7 +40,7 @@ from transformers import AutoConfig
 from transformers.image_utils import PILImageResampling
 
 from . import SimMIMConfig, SimMIMForImageClassification
-from .arguments import FinetuningArguments, parse_args, public_dict
+from .arguments import FinetuningArguments, apply_config_overrides, parse_args, public_dict
 from .augmentation import FinetuneAugmentation, mix_batch
 from .cards import write_finetuning_card
 from .data import EpochShuffleSampler, ImageRows, SimMIMCollator, create_dataloader, load_classification_data
@@ -53,8 +53,9 @@ from .transfer import load_pretrained_for_transfer
 
 logger = logging.getLogger(__name__)
 
-# The paper's layer decay per encoder (Swin-B at 100 epochs; use 0.8 for 800-epoch Swin-B, 0.7 for Swin-L).
-DEFAULT_LAYER_DECAY = {"vit": 0.65, "swin": 0.9}
+# The official layer decay per encoder (Swin-B at 100 epochs; use 0.8 for 800-epoch Swin-B, 0.7 for Swin-L;
+# SwinV2-B's fine-tuning config uses 0.75).
+DEFAULT_LAYER_DECAY = {"vit": 0.65, "swin": 0.9, "swinv2": 0.75}
 
 
 def load_base_config(args: FinetuningArguments) -> SimMIMConfig:
@@ -85,12 +86,7 @@ def build_model(args: FinetuningArguments, base_config: SimMIMConfig, label_name
             and args.vit_relative_position_bias == "per_block"):
         # The paper fine-tunes ViT with one relative bias table per block, each initialised from the shared one.
         overrides.update(use_shared_relative_position_bias=False, use_relative_position_bias=True)
-    config = base_config.with_overrides(overrides)
-    if args.config_overrides:
-        try:
-            config = config.with_overrides(args.config_overrides)
-        except ValueError as err:
-            raise ValueError(f"--config_overrides: {err}") from None
+    config = apply_config_overrides(base_config.with_overrides(overrides), args.config_overrides)
     model = SimMIMForImageClassification(config)
     report = None if args.model_name_or_path is None else \
         load_pretrained_for_transfer(model, args.model_name_or_path, cache_dir=args.cache_dir)
@@ -188,7 +184,8 @@ def run(argv=None, callbacks=()) -> tuple[dict, torch.nn.Module]:
     train_rows, eval_rows = ImageRows(train_hf, "image", ("label",)), ImageRows(eval_hf, "image", ("label",))
     train_dataloader = create_dataloader(
         train_rows, args.per_device_train_batch_size, num_workers=num_workers,
-        collate_fn=SimMIMCollator(processor, seed=args.seed, keep_columns=("label",), do_train=True, return_mask=False),
+        collate_fn=SimMIMCollator(processor, seed=args.seed, keep_columns=("label",), do_train=True, return_mask=False,
+                                  return_uint8=True),
         sampler=EpochShuffleSampler(len(train_rows), args.seed))
     eval_dataloader = create_dataloader(
         eval_rows, args.per_device_eval_batch_size, num_workers=num_workers,
@@ -239,6 +236,7 @@ def run(argv=None, callbacks=()) -> tuple[dict, torch.nn.Module]:
         logging_steps=args.logging_steps, checkpointing_steps=args.checkpointing_steps,
         max_grad_norm=args.max_grad_norm, max_consecutive_nonfinite=args.max_consecutive_nonfinite,
         callbacks=[EvaluateAndSave(args, eval_dataloader, processor, num_classes), *callbacks],
+        prepare_batch=lambda batch: {**batch, "pixel_values": processor.normalize_uint8(batch["pixel_values"])},
         description="linear probe" if args.linear_probe else "fine-tuning")
     state = loop.run(loop.resume(resume_path) if resume_path is not None else None)
 

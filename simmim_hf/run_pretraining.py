@@ -32,7 +32,7 @@ from accelerate import DistributedType
 from accelerate.utils import set_seed
 
 from . import SimMIMConfig, SimMIMForMaskedImageModeling
-from .arguments import PretrainingArguments, parse_args, public_dict
+from .arguments import PretrainingArguments, apply_config_overrides, parse_args, public_dict
 from .cards import write_pretraining_card
 from .data import (
     EpochShuffleSampler,
@@ -81,11 +81,8 @@ def build_model_and_processor(args: PretrainingArguments):
     else:
         source = args.preset or DEFAULT_PRESET
         config = SimMIMConfig.from_preset(source)
+    config = apply_config_overrides(config, args.config_overrides)
     if args.config_overrides:
-        try:
-            config = config.with_overrides(args.config_overrides)
-        except ValueError as err:
-            raise ValueError(f"--config_overrides: {err}") from None
         source += f" ({args.config_overrides})"
     return SimMIMForMaskedImageModeling(config), SimMIMImageProcessor.from_config(config), source
 
@@ -162,7 +159,8 @@ def main(argv=None, callbacks=()) -> int:
     num_workers = args.dataloader_num_workers if args.dataloader_num_workers is not None \
         else default_num_workers(accelerator)
     loader_kwargs = dict(num_workers=num_workers, pin_memory=accelerator.device.type == "cuda")
-    train_collator = SimMIMCollator(processor, seed=args.seed, do_train=True, return_mask=True)
+    # uint8 batches: a quarter of the bytes from the workers to the device, normalised there (`prepare_batch`).
+    train_collator = SimMIMCollator(processor, seed=args.seed, do_train=True, return_mask=True, return_uint8=True)
     # Evaluation: center crops and masks fixed by (seed, index), so successive evaluations are comparable.
     eval_collator = SimMIMCollator(processor, seed=args.seed, do_train=False, return_mask=True)
     if args.streaming:
@@ -237,6 +235,7 @@ def main(argv=None, callbacks=()) -> int:
         logging_steps=args.logging_steps, checkpointing_steps=args.checkpointing_steps,
         max_grad_norm=args.max_grad_norm, max_consecutive_nonfinite=args.max_consecutive_nonfinite,
         streaming=args.streaming, callbacks=[evaluation, *callbacks], on_checkpoint=push_checkpoint,
+        prepare_batch=lambda batch: {**batch, "pixel_values": processor.normalize_uint8(batch["pixel_values"])},
         description="pretraining")
     state = loop.resume(resume_path) if resume_path is not None else None
     state = loop.run(state)

@@ -641,13 +641,6 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     enable()
 
 
-def is_finite_number(x) -> bool:
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
-
-
 __all__ = [
     "CHECKPOINT_PREFIX",
     "COMPLETE_MARKER",

@@ -1,0 +1,106 @@
+"""The fast input path: uint8 batches normalised on the device (bit-identical to the CPU normalisation) and
+reduced-size JPEG decoding that never makes the processor upsample."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simmim_hf import SimMIMConfig, SimMIMImageProcessor
+from simmim_hf.data import SimMIMCollator, decode_image, smallest_decode_size
+
+
+def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    # Smooth structure plus noise: a JPEG of it is photo-like (neither flat nor pure noise).
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * 255 / width), (y * 255 / height), ((x + y) % 64) * 4], axis=-1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8))
+
+
+def _jpeg(image: Image.Image, quality: int = 90) -> dict:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return SimMIMImageProcessor.from_config(SimMIMConfig.from_preset("vit-micro-p8-64"))
+
+
+@pytest.mark.parametrize("do_train", [True, False])
+def test_uint8_batches_normalised_on_the_device_equal_the_cpu_path(processor, do_train):
+    images = [_photo(90, 70, seed) for seed in range(3)]
+    floats = processor(images, do_train=do_train, return_tensors="pt", seed=[1, 2, 3])
+    raw = processor(images, do_train=do_train, return_tensors="pt", seed=[1, 2, 3], return_uint8=True)
+    assert raw["pixel_values"].dtype == torch.uint8 and raw["pixel_values"].shape == floats["pixel_values"].shape
+    assert torch.equal(processor.normalize_uint8(raw["pixel_values"]), floats["pixel_values"])
+    if do_train:
+        assert torch.equal(raw["bool_masked_pos"], floats["bool_masked_pos"])
+    other = SimMIMImageProcessor.from_config(SimMIMConfig.from_preset("vit-micro-p8-64"), image_mean=0.5,
+                                             image_std=0.25, do_rescale=True)
+    assert torch.equal(other.normalize_uint8(raw["pixel_values"]),
+                       other(images, do_train=do_train, return_tensors="pt", seed=[1, 2, 3])["pixel_values"])
+
+
+def test_uint8_output_needs_8bit_input_and_is_never_saved(processor, tmp_path):
+    deep = np.random.default_rng(0).integers(0, 65535, (40, 40, 3), dtype=np.uint16)
+    with pytest.raises(ValueError, match="return_uint8=True.*8-bit"):
+        processor([deep], return_tensors="pt", return_uint8=True)
+    with pytest.raises(ValueError, match="uint8"):
+        processor.normalize_uint8(torch.zeros(1, 3, 64, 64))
+    processor.save_pretrained(tmp_path)
+    loaded = SimMIMImageProcessor.from_pretrained(tmp_path)
+    assert "return_uint8" not in loaded.to_dict() and loaded([_photo(70, 70)], return_tensors="pt")[
+        "pixel_values"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("do_train", [True, False])
+def test_reduced_decoding_never_leaves_a_crop_smaller_than_the_output(processor, do_train):
+    smallest = smallest_decode_size(processor, do_train)
+    out = processor.size["height"]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        width, height = int(rng.integers(64, 2000)), int(rng.integers(64, 2000))
+        target = smallest(width, height)
+        if target is None:
+            continue
+        assert target[0] <= width / 2 and target[1] <= height / 2  # only worth it from a 2x reduction
+        if do_train:  # the smallest RandomResizedCrop on the target-sized image still covers the output
+            area = processor.crop_scale[0] * target[0] * target[1]
+            assert math.sqrt(area * processor.crop_ratio[0]) >= out - 1e-6 or target[0] <= out
+            assert math.sqrt(area / processor.crop_ratio[1]) >= out - 1e-6 or target[1] <= out
+        else:  # the evaluation resize only shrinks
+            assert min(target) >= int(out / processor.crop_pct)
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_processes_like_the_full_decode(processor):
+    cell = _jpeg(_photo(1024, 768))
+    full = decode_image(cell)
+    reduced = decode_image(cell, smallest_decode_size(processor, do_train=False))
+    assert full.size == (1024, 768) and reduced.size in {(512, 384), (256, 192), (128, 96)}
+    a = processor([full], do_train=False, return_tensors="pt")["pixel_values"]
+    b = processor([reduced], do_train=False, return_tensors="pt")["pixel_values"]
+    assert (a - b).abs().mean() < 0.05  # normalised units: the two downsamplings agree closely
+    small = _jpeg(_photo(100, 80))  # too small to reduce: the full decode
+    assert decode_image(small, smallest_decode_size(processor, do_train=True)).size == (100, 80)
+    png = io.BytesIO()
+    _photo(1024, 768).save(png, "PNG")
+    assert decode_image({"bytes": png.getvalue(), "path": None}, smallest_decode_size(processor, True)).size == (1024, 768)
+
+
+def test_collator_uses_reduced_decoding_and_stays_per_sample_deterministic(processor):
+    rows = [{"image": _jpeg(_photo(1200, 900, seed)), "index": seed, "epoch": 0} for seed in range(4)]
+    fast = SimMIMCollator(processor, seed=5, do_train=True, return_mask=True, return_uint8=True)
+    slow = SimMIMCollator(processor, seed=5, do_train=True, return_mask=True, return_uint8=True, reduced_decoding=False)
+    a, b = fast(rows), fast(rows[::-1])
+    assert torch.equal(a["pixel_values"], b["pixel_values"].flip(0)) and a["pixel_values"].dtype == torch.uint8
+    c = slow(rows)
+    assert torch.equal(a["bool_masked_pos"], c["bool_masked_pos"])  # masks do not depend on the decode
+    assert 0 < (a["pixel_values"].float() - c["pixel_values"].float()).abs().mean() < 12  # crops of the same area
