@@ -35,6 +35,7 @@ setup(
         "simmim-pretrain = simmim_hf.run_pretraining:main",
         "simmim-finetune = simmim_hf.run_finetune:main",
         "simmim-convert = simmim_hf.convert:main",
+        "simmim-export = simmim_hf.export:main",
     ]},
     classifiers=[
         "Programming Language :: Python :: 3",

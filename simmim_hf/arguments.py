@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 from transformers import HfArgumentParser
 
-from .configuration_simmim import PRESETS
+from .configuration_simmim import HEAD_TYPES, LOSS_AREAS, LOSS_TYPES, PRESETS
+from .masking import MASK_STRATEGIES
 from .optimization import SCHEDULES, parse_milestones
 
 T = TypeVar("T")
@@ -196,6 +197,26 @@ class PretrainingArguments(OutputArguments, OptimizationArguments, DataArguments
     visualize_steps: int | None = _arg(help="Write a reconstruction PNG grid every N steps (always at the end).")
     num_visualize_images: int = _arg(8, "Rows of the reconstruction grid.")
     hub_push_checkpoints: bool = _arg(False, "Also push every checkpoint (in the background) under checkpoints/ in the repo.")
+    # The paper's component study, one flag each (default: the preset's / config's value). See SimMIMConfig.
+    mask_patch_size: int | None = _arg(help="Masking unit in pixels (the paper: 32).")
+    mask_ratio: float | None = _arg(help="Fraction of masking units masked (the paper: 0.6).")
+    mask_strategy: str | None = _arg(help="Masking strategy (default random, the paper's).", choices=list(MASK_STRATEGIES))
+    head_type: str | None = _arg(help="Prediction head: linear (the paper's) or a two-layer mlp.", choices=list(HEAD_TYPES))
+    head_hidden_size: int | None = _arg(help="Width of the mlp head (default: the encoder width).")
+    loss_type: str | None = _arg(help="l1 (the paper's), smooth_l1, l2, or color_ce (classify 8-bit colours into bins).",
+                                 choices=list(LOSS_TYPES))
+    smooth_l1_beta: float | None = _arg(help="smooth_l1: where the loss turns from quadratic to linear.")
+    num_color_bins: int | None = _arg(help="color_ce: bins per channel (a divisor of 256, e.g. 8 or 256).")
+    prediction_resolution: int | None = _arg(help="Predict the image area-averaged to r x r instead of every pixel.")
+    loss_area: str | None = _arg(help="Pixels the loss counts: masked (the paper's) or all.", choices=list(LOSS_AREAS))
+    norm_target_patch_size: int | None = _arg(help="Regress a target normalised in k x k windows (odd k; SwinV2: 47).")
+
+    COMPONENT_FIELDS = ("mask_patch_size", "mask_ratio", "head_type", "head_hidden_size", "loss_type", "smooth_l1_beta",
+                        "num_color_bins", "prediction_resolution", "loss_area", "norm_target_patch_size")
+
+    def component_overrides(self) -> dict:
+        """The component flags that were given, as `SimMIMConfig` overrides (validated by the config)."""
+        return {name: getattr(self, name) for name in self.COMPONENT_FIELDS if getattr(self, name) is not None}
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -35,8 +35,20 @@ def describe_architecture(config) -> str:
     return f"Swin, depths {config.depths}, embed dim {config.embed_dim}, window {config.window_size}"
 
 
+def describe_objective(config) -> str:
+    """The SimMIM component choices (head, target, loss) in words, for the card."""
+    target = "normalised pixels" if not config.norm_target_patch_size else \
+        f"pixels normalised in {config.norm_target_patch_size}x{config.norm_target_patch_size} windows"
+    if config.prediction_resolution:
+        target += f" area-averaged to {config.prediction_resolution}x{config.prediction_resolution}"
+    loss = {"l1": "L1", "l2": "L2", "smooth_l1": f"smooth L1 (beta {config.smooth_l1_beta})",
+            "color_ce": f"cross-entropy over {config.num_color_bins} colour bins per channel"}[config.loss_type]
+    return f"{config.head_type} head, {target}, {loss} on {config.loss_area} pixels"
+
+
 def write_pretraining_card(folder, args, config, model_source: str, data_description: str, num_params: int, plan,
-                           accelerator, state, eval_loss: float | None, repo_id: str | None) -> Path:
+                           accelerator, state, eval_loss: float | None, repo_id: str | None,
+                           mask_strategy: str = "random", avg_dist: float | None = None) -> Path:
     folder = Path(folder)
     card_data = {"library_name": "transformers", "license": "apache-2.0", "pipeline_tag": "image-feature-extraction",
                  "tags": ["simmim", "masked-image-modeling", "self-supervised", config.encoder_type]}
@@ -51,6 +63,8 @@ def write_pretraining_card(folder, args, config, model_source: str, data_descrip
         num_parameters=format_count(num_params), image_size=config.image_size, patch_size=config.patch_size,
         mask_patch_size=config.mask_patch_size, mask_ratio=config.mask_ratio,
         mask_ratio_percent=round(100 * config.mask_ratio), dataset_description=data_description,
+        mask_strategy=mask_strategy, avg_dist=f"{avg_dist:.1f}" if avg_dist is not None else None,
+        objective=describe_objective(config),
         epochs=plan.num_epochs if plan.num_epochs is not None else "streamed", steps=state.global_step,
         total_batch_size=plan.total_batch_size, num_processes=accelerator.num_processes,
         per_device_batch_size=args.per_device_train_batch_size,
@@ -111,4 +125,4 @@ def write_finetuning_card(folder, args, config, results: dict, data_description:
     )
 
 
-__all__ = ["describe_architecture", "write_finetuning_card", "write_pretraining_card"]
+__all__ = ["describe_architecture", "describe_objective", "write_finetuning_card", "write_pretraining_card"]

@@ -1,4 +1,4 @@
-"""SimMIM configuration: one config for both encoders (ViT as in the paper, Swin v1) plus the mask settings.
+"""SimMIM configuration: one config for every encoder (ViT as in the paper, Swin v1, SwinV2) plus the mask settings.
 
 Hub-facing module: it is copied next to the weights for `trust_remote_code`, so it imports nothing from
 `simmim_hf` except, relatively, its flat sibling modules.
@@ -13,16 +13,24 @@ import math
 
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-ENCODER_TYPES = ("vit", "swin")
+from .masking import validate_mask_settings
+
+ENCODER_TYPES = ("vit", "swin", "swinv2")
 POOLING_TYPES = ("mean", "cls")
 INIT_RECIPES = ("simmim", "transformers")
+# The paper's component study (section 4): prediction head, loss, and which pixels the loss counts.
+HEAD_TYPES = ("linear", "mlp")
+LOSS_TYPES = ("l1", "smooth_l1", "l2", "color_ce")
+LOSS_AREAS = ("masked", "all")
 
 # Field types, checked before anything is derived from them (a string `mlp_ratio` would otherwise be repeated,
 # not multiplied, and a Swin MLP sized from it asks for petabytes). Bools are rejected where numbers are expected.
 _INT_FIELDS = ("image_size", "patch_size", "num_channels", "mask_patch_size", "num_hidden_layers",
-               "num_attention_heads", "embed_dim", "window_size")
-_OPTIONAL_INT_FIELDS = ("hidden_size", "intermediate_size")
+               "num_attention_heads", "embed_dim", "window_size", "num_color_bins")
+_OPTIONAL_INT_FIELDS = ("hidden_size", "intermediate_size", "head_hidden_size", "prediction_resolution",
+                        "norm_target_patch_size")
 _BOOL_FIELDS = ("qkv_bias", "use_absolute_position_embeddings", "use_relative_position_bias", "patch_norm",
                 "use_fc_norm")
 _OPTIONAL_BOOL_FIELDS = ("use_key_bias", "use_shared_relative_position_bias")
@@ -36,6 +44,7 @@ _REAL_FIELDS = {
     "initializer_range": (lambda v: v > 0, "must be a positive number"),
     "layer_norm_eps": (lambda v: v > 0, "must be a positive number"),
     "layer_scale_init_value": (lambda v: v >= 0, "must be a number >= 0 (0 disables LayerScale)"),
+    "smooth_l1_beta": (lambda v: v > 0, "must be a positive number (beta -> 0 is loss_type='l1')"),
 }
 
 
@@ -48,6 +57,14 @@ def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and (
         isinstance(value, int) or math.isfinite(value)
     )
+
+
+def _channel_values(value, rgb_default, num_channels):
+    """`image_mean` / `image_std` as stored: a list (JSON has no tuples, so a round trip compares equal); None
+    means the processor's default, ImageNet's for RGB and 0.5 per channel otherwise (the value is checked later)."""
+    if value is None:
+        value = rgb_default if num_channels == 3 else [0.5] * (num_channels if _is_int(num_channels) else 0)
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _mlp_width(dim: int, mlp_ratio: float) -> int:
@@ -105,10 +122,27 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
+# SwinV2 (microsoft/Swin-Transformer). `swinv2-base-w12-192` is the paper's SwinV2 SimMIM pretraining config
+# (`configs/simmim/simmim_pretrain__swinv2_base__img192_window12__800ep.yaml`: 192 px, window 12, 32 px mask units,
+# ratio 0.6, drop path 0.1, target normalisation k = 47). The other sizes are the released data-scaling zoo's
+# (hub repo zdaxie/SimMIM; widths and depths of the SwinV2 paper, 32 channels per head; backbone sizes 49M / 87M /
+# 195M / 655M / 1.06B), pretrained with the same recipe; their drop path rate is not published, 0.1 is kept.
+_SWINV2_RECIPE = dict(encoder_type="swinv2", image_size=192, patch_size=4, window_size=12, depths=[2, 2, 18, 2],
+                      mask_patch_size=32, mask_ratio=0.6, drop_path_rate=0.1, norm_target_patch_size=47)
+PRESETS.update({
+    f"swinv2-{size}-w12-192": dict(_SWINV2_RECIPE, embed_dim=width, num_heads=[width // 32 * 2**s for s in range(4)])
+    for size, width in (("small", 96), ("base", 128), ("large", 192), ("huge", 352), ("giant", 448))
+})
+# Tiny SwinV2 for demos and tests: the layout of the official-code fixture `swinv2_tiny` (which also used k = 7).
+PRESETS["swinv2-nano-w4-32"] = dict(
+    encoder_type="swinv2", image_size=32, patch_size=2, embed_dim=16, depths=[2, 2, 2], num_heads=[2, 4, 8],
+    window_size=4, mask_patch_size=8,
+)
+
 
 class SimMIMConfig(PretrainedConfig):
     r"""
-    Configuration of a SimMIM model: the encoder (`encoder_type="vit"` or `"swin"`), the linear
+    Configuration of a SimMIM model: the encoder (`encoder_type="vit"`, `"swin"` or `"swinv2"`), the linear
     reconstruction head and the masking recipe the image processor follows.
 
     Field names follow transformers' `ViTConfig` / `SwinConfig`. Fields that belong to the other encoder
@@ -118,7 +152,9 @@ class SimMIMConfig(PretrainedConfig):
     `hidden_act` raises a `ValueError` naming the field.
 
     Args:
-        encoder_type (`str`, defaults to `"vit"`): `"vit"` (BEiT-style ViT of the SimMIM paper) or `"swin"` (Swin v1).
+        encoder_type (`str`, defaults to `"vit"`): `"vit"` (BEiT-style ViT of the SimMIM paper), `"swin"` (Swin v1)
+            or `"swinv2"` (Swin Transformer V2 as the official code: cosine attention, continuous position bias,
+            res-post-norm; it uses the Swin fields below).
         image_size (`int`, defaults to 224): pretraining resolution; the encoder also accepts other sizes
             divisible by its patch size (ViT) or by `patch_size * 2**(stages-1)` and the windows (Swin).
         patch_size (`int`, defaults to 16): model patch size p; `bool_masked_pos` has (H/p)*(W/p) entries.
@@ -127,6 +163,10 @@ class SimMIMConfig(PretrainedConfig):
             last stage, `embed_dim * 2**(len(depths)-1)`.
         num_hidden_layers, num_attention_heads, intermediate_size: ViT depth, heads and MLP width.
         embed_dim, depths, num_heads, window_size, mlp_ratio: Swin stage layout.
+        pretrained_window_sizes (`list[int]`, *optional*): SwinV2 only; per stage, the window the continuous
+            position bias was pretrained with (its relative coordinates are normalised by it), 0 = the stage's own
+            window. Set it when fine-tuning at a larger window than pretraining (official: `[12, 12, 12, 6]` for
+            window 14 from a window-12 checkpoint at 192 px). None means 0 for every stage.
         hidden_act (`str`, defaults to `"gelu"`).
         hidden_dropout_prob, attention_probs_dropout_prob (`float`, defaults to 0.0).
         drop_path_rate (`float`, defaults to 0.0): stochastic depth, linearly increasing over the blocks.
@@ -157,6 +197,31 @@ class SimMIMConfig(PretrainedConfig):
             Swin: `patch_size * 2**(len(depths)-1)`). A given value must agree.
         mask_patch_size (`int`, defaults to 32): side of one masking unit in pixels.
         mask_ratio (`float`, defaults to 0.6): fraction of masking units that are masked.
+        head_type (`str`, defaults to `"linear"`): the prediction head. `"linear"`: the paper's 1x1 conv +
+            PixelShuffle; `"mlp"`: 1x1 conv to `head_hidden_size`, GELU, 1x1 conv, PixelShuffle (the paper's
+            2-layer head ablation).
+        head_hidden_size (`int`, *optional*): width of the `"mlp"` head; default the encoder width `hidden_size`.
+            Unused by the linear head.
+        loss_type (`str`, defaults to `"l1"`): `"l1"` (the paper's), `"smooth_l1"` (Huber-like, `smooth_l1_beta`),
+            `"l2"` (squared error), or `"color_ce"`: per-channel classification of the raw 8-bit colour into
+            `num_color_bins` equal bins with cross-entropy (the head then predicts `num_color_bins` logits per
+            channel and pixel; `reconstruction` is the expected colour, normalised like the input).
+        smooth_l1_beta (`float`, defaults to 1.0): where `"smooth_l1"` switches from quadratic to linear.
+        num_color_bins (`int`, defaults to 256): bins of `"color_ce"`; must divide 256 (8 is the paper's coarse
+            variant), each bin covers 256 / num_color_bins consecutive 8-bit values.
+        prediction_resolution (`int`, *optional*): predict an r x r target, the normalised image area-averaged
+            over (image_size / r)-pixel squares, instead of every pixel (the paper's prediction-resolution sweep).
+            r must divide `image_size`, and the averaging factor image_size / r must divide `encoder_stride` (the
+            head upsamples the feature map by encoder_stride / factor). A low-resolution pixel is masked when
+            every pixel of the square it averages is masked. Other input sizes keep the factor, not r.
+        loss_area (`str`, defaults to `"masked"`): which pixels the loss counts: `"masked"` (the paper's) or
+            `"all"`; both normalise the same way, by the number of counted pixels and the channels.
+        norm_target_patch_size (`int`, *optional*): an odd window k >= 3: regress a locally normalised target,
+            each channel's value minus the mean over the k x k window around it, divided by the window's
+            (unbiased) standard deviation, as the official SwinV2 SimMIM recipe (k = 47 there). `reconstruction`
+            is then in that normalised-target space, not an image. Not combinable with `"color_ce"`.
+        image_mean, image_std (`list[float]`, default ImageNet's): the normalisation of `pixel_values`, one value per
+            channel; must match the processor's. Used to recover raw 8-bit colours for `"color_ce"`.
 
     Example:
         ```python
@@ -183,6 +248,7 @@ class SimMIMConfig(PretrainedConfig):
         depths: list[int] | tuple[int, ...] = (2, 2, 6, 2),
         num_heads: list[int] | tuple[int, ...] = (3, 6, 12, 24),
         window_size: int = 7,
+        pretrained_window_sizes: list[int] | tuple[int, ...] | None = None,
         mlp_ratio: float = 4.0,
         hidden_act: str = "gelu",
         hidden_dropout_prob: float = 0.0,
@@ -203,6 +269,16 @@ class SimMIMConfig(PretrainedConfig):
         encoder_stride: int | None = None,
         mask_patch_size: int = 32,
         mask_ratio: float = 0.6,
+        head_type: str = "linear",
+        head_hidden_size: int | None = None,
+        loss_type: str = "l1",
+        smooth_l1_beta: float = 1.0,
+        num_color_bins: int = 256,
+        prediction_resolution: int | None = None,
+        loss_area: str = "masked",
+        norm_target_patch_size: int | None = None,
+        image_mean: list[float] | tuple[float, ...] | None = None,
+        image_std: list[float] | tuple[float, ...] | None = None,
         **kwargs,
     ):
         self.encoder_type = encoder_type
@@ -215,6 +291,8 @@ class SimMIMConfig(PretrainedConfig):
         self.depths = list(depths) if isinstance(depths, (list, tuple)) else depths
         self.num_heads = list(num_heads) if isinstance(num_heads, (list, tuple)) else num_heads
         self.window_size = window_size
+        self.pretrained_window_sizes = (list(pretrained_window_sizes) if isinstance(pretrained_window_sizes, tuple)
+                                        else pretrained_window_sizes)
         self.mlp_ratio = mlp_ratio
         self.hidden_act = hidden_act
         self.hidden_dropout_prob = hidden_dropout_prob
@@ -233,6 +311,12 @@ class SimMIMConfig(PretrainedConfig):
         self.use_key_bias, self.use_shared_relative_position_bias = use_key_bias, use_shared_relative_position_bias
         self.use_fc_norm = use_fc_norm
         self.init_recipe = init_recipe
+        self.head_type, self.head_hidden_size = head_type, head_hidden_size
+        self.loss_type, self.smooth_l1_beta, self.num_color_bins = loss_type, smooth_l1_beta, num_color_bins
+        self.prediction_resolution, self.loss_area = prediction_resolution, loss_area
+        self.norm_target_patch_size = norm_target_patch_size
+        self.image_mean = _channel_values(image_mean, IMAGENET_DEFAULT_MEAN, num_channels)
+        self.image_std = _channel_values(image_std, IMAGENET_DEFAULT_STD, num_channels)
 
         if encoder_type not in ENCODER_TYPES:
             raise ValueError(
@@ -241,7 +325,7 @@ class SimMIMConfig(PretrainedConfig):
         self._validate_types()
         is_vit = encoder_type == "vit"
         if use_key_bias is None:
-            use_key_bias = not is_vit
+            use_key_bias = encoder_type == "swin"  # ViT and SwinV2 learn q and v biases only
         self.use_key_bias = use_key_bias
         if use_shared_relative_position_bias is None:
             use_shared_relative_position_bias = is_vit and not (
@@ -275,6 +359,7 @@ class SimMIMConfig(PretrainedConfig):
                 + f"); got encoder_stride={encoder_stride}. Leave it unset to derive it."
             )
         self.encoder_stride = derived_stride
+        self._validate_components()
         super().__init__(**kwargs)
 
     # ------------------------------------------------------------------ validation
@@ -288,10 +373,11 @@ class SimMIMConfig(PretrainedConfig):
                 fail(field, "must be a positive integer", value)
         if self.image_size % self.patch_size:
             fail("image_size", f"must be divisible by patch_size={self.patch_size}", self.image_size)
-        if self.image_size % self.mask_patch_size:
-            fail("image_size", f"must be divisible by mask_patch_size={self.mask_patch_size}", self.image_size)
-        if self.mask_patch_size % self.patch_size:
-            fail("mask_patch_size", f"must be a multiple of patch_size={self.patch_size}", self.mask_patch_size)
+        try:  # the masking module's rule, as the processor and the mask generator apply it
+            validate_mask_settings(self.image_size, self.patch_size, self.mask_patch_size, self.mask_ratio,
+                                   size_name="image_size")
+        except ValueError as err:
+            raise ValueError(f"SimMIMConfig: {err}") from None
         if self.pooling not in POOLING_TYPES:
             fail("pooling", f"must be one of {POOLING_TYPES}", self.pooling)
         if self.init_recipe not in INIT_RECIPES:
@@ -300,6 +386,8 @@ class SimMIMConfig(PretrainedConfig):
             self._validate_vit(fail)
         else:
             self._validate_swin(fail)
+            if self.encoder_type == "swinv2":
+                self._validate_swinv2(fail)
 
     def _validate_vit(self, fail) -> None:
         for field in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
@@ -336,19 +424,56 @@ class SimMIMConfig(PretrainedConfig):
             fail("pooling", "must be 'mean' for Swin, which has no CLS token", self.pooling)
         if self.use_fc_norm:
             fail("use_fc_norm", "is ViT only (Swin classifies the mean of its normalised tokens)", self.use_fc_norm)
-        stride = self.patch_size * 2 ** (len(self.depths) - 1)
-        if self.image_size % stride:
-            fail("image_size", f"must be divisible by patch_size * 2**(stages-1) = {stride}", self.image_size)
         for stage, heads in enumerate(self.num_heads):
             width = self.embed_dim * 2**stage
             if heads <= 0 or width % heads:
                 fail("num_heads", f"must divide the width of stage {stage} ({width})", self.num_heads)
-            resolution = self.image_size // (self.patch_size * 2**stage)
-            # As in Swin, a stage no larger than the window attends globally (the window shrinks to it).
-            if resolution > self.window_size and resolution % self.window_size:
-                fail("window_size",
-                     f"must divide the token grid of every stage; stage {stage} is {resolution}x{resolution}",
-                     self.window_size)
+        problem = self.swin_grid_error(self.image_size, self.image_size)
+        if problem is not None:
+            field = "image_size" if "divisible" in problem else "window_size"
+            fail(field, f"must fit the stages ({problem})", getattr(self, field))
+
+    def swin_grid_error(self, height: int, width: int) -> str | None:
+        """Why a `height` x `width` input cannot pass through this Swin's stages, or None if it can. The one rule
+        for both the config (at `image_size`) and every forward: the sides divide by the total downsampling, and
+        every stage's token grid splits into the windows its blocks were built with (a stage no larger than
+        `window_size` attends over all of its tokens, as in Swin)."""
+        p, stages = self.patch_size, len(self.depths)
+        stride = p * 2 ** (stages - 1)
+        if height % stride or width % stride:
+            return f"height and width must be divisible by patch_size * 2**(stages-1) = {stride}; got {height}x{width}"
+        built = self.stage_window_sizes
+        for s in range(stages):
+            h, w = height // (p * 2**s), width // (p * 2**s)
+            if min(h, w) <= self.window_size < max(h, w):
+                return (f"stage {s} has a non-square {h}x{w} token grid smaller than the window ({self.window_size}) "
+                        f"on one side only; got {height}x{width}")
+            if h % built[s] or w % built[s]:
+                multiple = math.lcm(*(p * 2**t * built[t] for t in range(stages)))
+                return (f"stage {s} has a {h}x{w} token grid, but its blocks attend in {built[s]}x{built[s]} windows, "
+                        f"so both sides must be multiples of {built[s]}: height and width must be multiples of "
+                        f"{multiple} pixels for this model; got {height}x{width}")
+        return None
+
+    # ------------------------------------------------------------------ SwinV2
+    def _validate_swinv2(self, fail) -> None:
+        """SwinV2 on top of the Swin layout rules: q/v biases only, one pretrained window per stage."""
+        if self.use_key_bias:
+            fail("use_key_bias", "must be False for SwinV2 (it learns q and v biases only, as the official code)",
+                 self.use_key_bias)
+        windows = self.pretrained_window_sizes
+        if windows is not None:
+            if len(windows) != len(self.depths):
+                fail("pretrained_window_sizes", f"must have one entry per stage ({len(self.depths)} stages)", windows)
+            if any(w == 1 for w in windows):
+                fail("pretrained_window_sizes", "entries must be 0 (none) or a window >= 2 (coordinates are divided "
+                     "by window - 1)", windows)
+
+    @property
+    def stage_window_sizes(self) -> list[int]:
+        """Swin / SwinV2: the window each stage attends in at `image_size` (a stage smaller than `window_size`
+        attends over all of its tokens)."""
+        return [min(self.window_size, self.image_size // (self.patch_size * 2**s)) for s in range(len(self.depths))]
 
     def _validate_types(self) -> None:
         """Types of every field (JSON can hold "16" or 16.0 or true where 16 is meant), before any arithmetic."""
@@ -364,6 +489,10 @@ class SimMIMConfig(PretrainedConfig):
             value = getattr(self, field)
             if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
                 fail(field, "must be a list of positive integers (one per Swin stage)", value)
+        windows = self.pretrained_window_sizes
+        if windows is not None and (not isinstance(windows, list) or not all(_is_int(v) and v >= 0 for v in windows)):
+            fail("pretrained_window_sizes", "must be None or a list of integers >= 0 (one per stage, 0 = none)",
+                 windows)
         for field in (*_BOOL_FIELDS, *_OPTIONAL_BOOL_FIELDS):
             value = getattr(self, field)
             if not (isinstance(value, bool) or (value is None and field in _OPTIONAL_BOOL_FIELDS)):
@@ -377,6 +506,47 @@ class SimMIMConfig(PretrainedConfig):
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
             fail("hidden_act", f"must be one of transformers' activations {sorted(ACT2FN)}", self.hidden_act)
 
+    def _validate_components(self) -> None:
+        """The component-study options (head, loss, target, loss area); needs the derived `encoder_stride`."""
+
+        def fail(field: str, expected: str, value) -> None:
+            raise ValueError(f"SimMIMConfig: `{field}` {expected}; got {field}={value!r}.")
+
+        for field, choices in (("head_type", HEAD_TYPES), ("loss_type", LOSS_TYPES), ("loss_area", LOSS_AREAS)):
+            if getattr(self, field) not in choices:
+                fail(field, f"must be one of {choices}", getattr(self, field))
+        if self.head_hidden_size is not None and self.head_hidden_size <= 0:
+            fail("head_hidden_size", "must be a positive integer or None (None: the encoder width)",
+                 self.head_hidden_size)
+        if not 2 <= self.num_color_bins <= 256 or 256 % self.num_color_bins:
+            fail("num_color_bins", "must divide 256 and be at least 2 (2, 4, 8, ..., 256: equal bins of 8-bit "
+                 "values)", self.num_color_bins)
+        r = self.prediction_resolution
+        if r is not None:
+            if r <= 0 or self.image_size % r:
+                fail("prediction_resolution", f"must be None or a positive divisor of image_size={self.image_size}",
+                     r)
+            if self.encoder_stride % (self.image_size // r):
+                # The head turns each (image_size / encoder_stride)-grid feature into a block of
+                # encoder_stride / factor target pixels: the factor must divide the stride.
+                fail("prediction_resolution",
+                     f"must be a multiple of image_size / encoder_stride = {self.image_size // self.encoder_stride}"
+                     f" (the averaging factor image_size / r must divide encoder_stride={self.encoder_stride})", r)
+        for field in ("image_mean", "image_std"):
+            value = getattr(self, field)
+            if not isinstance(value, list) or len(value) != self.num_channels or not all(_is_real(v) for v in value) \
+                    or (field == "image_std" and not all(v > 0 for v in value)):
+                fail(field, f"must be a list of {self.num_channels} numbers (one per channel"
+                     + (", each > 0)" if field == "image_std" else ")"), value)
+        k = self.norm_target_patch_size
+        if k is not None:
+            if k < 3 or k % 2 == 0:
+                fail("norm_target_patch_size", "must be None or an odd window size >= 3 (centred on each pixel; "
+                     "the variance needs at least 2 pixels)", k)
+            if self.loss_type == "color_ce":
+                fail("norm_target_patch_size", "must be None with loss_type='color_ce' (the classes are raw "
+                     "colours, not a normalised target)", k)
+
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         """As transformers', plus validation of keyword overrides. transformers builds the config with
@@ -388,6 +558,17 @@ class SimMIMConfig(PretrainedConfig):
         if any(key in kwargs for key in cls._init_field_names()):
             cls(**config.to_dict())
         return result
+
+    def _derived_fields(self) -> tuple[str, ...]:
+        """Fields computed from others in `__init__` (given values must agree): never written to config.json, so
+        editing a saved config (e.g. `embed_dim`) cannot leave a stale derived value behind."""
+        return ("encoder_stride",) + (("hidden_size",) if self.encoder_type in ("swin", "swinv2") else ())
+
+    def to_dict(self) -> dict:
+        values = super().to_dict()
+        for key in self._derived_fields():
+            values.pop(key, None)
+        return values
 
     @classmethod
     def _init_field_names(cls) -> tuple[str, ...]:
@@ -407,11 +588,7 @@ class SimMIMConfig(PretrainedConfig):
         values = self.to_dict()
         for key in ("architectures", "auto_map", "transformers_version", "model_type", "_name_or_path"):
             values.pop(key, None)
-        derived = ("encoder_stride",) + (("hidden_size",) if values.get("encoder_type") == "swin" else ())
-        for key in derived:
-            if key not in overrides:
-                values.pop(key, None)
-        values.update(overrides)
+        values.update(overrides)  # derived fields are not in `to_dict`: recomputed unless overridden
         return type(self)(**values)
 
     def update_from_string(self, update_str: str) -> None:
@@ -437,6 +614,12 @@ class SimMIMConfig(PretrainedConfig):
     @property
     def num_stages(self) -> int:
         return 1 if self.encoder_type == "vit" else len(self.depths)
+
+    @property
+    def prediction_downsample(self) -> int:
+        """Side in pixels of the square one predicted target value averages: image_size / prediction_resolution
+        (1 = every pixel)."""
+        return 1 if self.prediction_resolution is None else self.image_size // self.prediction_resolution
 
     @property
     def num_layers_for_decay(self) -> int:
@@ -473,4 +656,4 @@ def parse_config_overrides(text: str, config: PretrainedConfig | None = None) ->
     return overrides
 
 
-__all__ = ["SimMIMConfig", "PRESETS", "parse_config_overrides"]
+__all__ = ["SimMIMConfig", "PRESETS", "HEAD_TYPES", "LOSS_TYPES", "LOSS_AREAS", "parse_config_overrides"]

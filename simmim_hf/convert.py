@@ -9,7 +9,12 @@ Two sources are supported:
   config when present, or from keyword overrides / CLI flags.
 * ``transformers``: `ViTForMaskedImageModeling` and `SwinForMaskedImageModeling` models or checkpoint
   folders, converted into the equivalent simmim_hf configuration (plain ViT: absolute positions, full qkv
-  bias, no LayerScale, CLS pooling; Swin v1).
+  bias, no LayerScale, CLS pooling; Swin v1); also `Swinv2ForMaskedImageModeling` and `Swinv2Model` (SwinV2).
+
+Official SwinV2 checkpoints (microsoft/Swin-Transformer's SimMIM, e.g. the released data-scaling zoo on the Hub,
+``zdaxie/SimMIM``) are recognised by their keys (`cpb_mlp`, or the older `rpe_mlp`); a ``--checkpoint`` of the form
+``hf://<repo>/<path>`` is downloaded first. Their recipe settings not in the weights default to the official SwinV2
+SimMIM recipe (local target normalisation k = 47).
 
 Pickled files are read with a restricted unpickler: only tensors, plain containers and a short allowlist
 of harmless globals are rebuilt; anything else (e.g. a `__reduce__` calling `os.system`) is refused before
@@ -20,6 +25,8 @@ model code, loadable with `trust_remote_code=True`):
 
     python -m simmim_hf.convert --source official --checkpoint simmim_pretrain_swin_base.pth --output out/
     python -m simmim_hf.convert --source transformers --checkpoint path/to/vit-mim --output out/
+    python -m simmim_hf.convert --source official \
+        --checkpoint hf://zdaxie/SimMIM/simmim_swinv2_pretrain_models/swinv2_base_1k_500k.pth --output out/
 """
 
 from __future__ import annotations
@@ -34,9 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import hf_hub_download
 
 from .configuration_simmim import SimMIMConfig
-from .modeling_simmim import SimMIMForMaskedImageModeling
+from .modeling_simmim import SimMIMForMaskedImageModeling, SimMIMModel
 from .transfer import square_side
 
 SOURCES = ("official", "transformers")
@@ -460,6 +468,7 @@ def convert_official_checkpoint(path: str | Path, **overrides) -> SimMIMForMaske
     Returns:
         The model in eval mode, its weights loaded with `strict=True`.
     """
+    path = resolve_checkpoint_reference(path)
     checkpoint = load_checkpoint_file(path)
     state_dict = _state_dict_of(checkpoint, path)
     hints = _official_config_hints(checkpoint.get("config") if isinstance(checkpoint, dict) else None)
@@ -467,6 +476,8 @@ def convert_official_checkpoint(path: str | Path, **overrides) -> SimMIMForMaske
 
     if "encoder.patch_embed.proj.weight" in state_dict and any(k.startswith("encoder.blocks.") for k in state_dict):
         arch, rules = _infer_official_vit(state_dict)
+    elif _is_official_swinv2(state_dict):
+        arch, rules = _infer_official_swinv2(state_dict)
     elif "encoder.patch_embed.proj.weight" in state_dict and any(k.startswith("encoder.layers.") for k in state_dict):
         arch, rules = _infer_official_swin(state_dict)
     else:
@@ -490,6 +501,11 @@ def convert_official_checkpoint(path: str | Path, **overrides) -> SimMIMForMaske
         )
     kwargs = {**hints, **arch}
     kwargs = _merge_overrides(kwargs, overrides, "official")
+    if arch["encoder_type"] == "swinv2":
+        kwargs = _swinv2_settings(kwargs, arch, checkpoint.get("config") if isinstance(checkpoint, dict) else None,
+                                  origin)
+    if kwargs.get("norm_target_patch_size") == 0:  # 0 (the CLI's "off") switches the target normalisation off
+        kwargs["norm_target_patch_size"] = None
     if "image_size" not in kwargs:
         raise ValueError(f"{origin}: cannot infer the image size from the weights; pass image_size=... (--image_size).")
     if arch["encoder_type"] == "vit" and "num_attention_heads" not in kwargs:
@@ -502,6 +518,7 @@ def convert_official_checkpoint(path: str | Path, **overrides) -> SimMIMForMaske
     config = _build_config(kwargs, origin)
     model = SimMIMForMaskedImageModeling(config)
     renamed = _split_fused_qkv_bias(_rename(state_dict, rules, origin))
+    renamed = _check_and_drop_coords_tables(model, renamed, origin)
     renamed = _check_and_drop_buffers(model, renamed, origin)
     _load_strict(model, renamed, origin, _source_names(state_dict, rules, origin))
     return model.eval()
@@ -536,6 +553,169 @@ def _load_strict(model: torch.nn.Module, state_dict: dict, origin: str, names: d
             f"{origin} does not fit the inferred architecture: missing {result.missing_keys[:10]}, "
             f"unexpected {result.unexpected_keys[:10]}."
         )
+
+
+# ---------------------------------------------------------------------------------------------- official SwinV2
+# microsoft/Swin-Transformer's SimMIM (`SwinTransformerV2ForSimMIM`), e.g. the released data-scaling zoo. The CPB MLP
+# is resolution-free, so the window and image size come from the stored buffers (relative coordinate tables, index,
+# shift masks) when present, else from the pickled config, else from the official SwinV2 SimMIM recipe.
+# Recipe settings the weights cannot reveal: 192 px, window 12, local target normalisation k = 47 (the masking unit,
+# 32 px at 192, and ratio 0.6 are the generic defaults). Every one can be overridden (CLI flags).
+SWINV2_RECIPE_DEFAULTS = {"image_size": 192, "window_size": 12, "norm_target_patch_size": 47}
+# The released zoo is hosted on the Hub; `--checkpoint` also takes a file reference there.
+SWINV2_ZOO_REPO = "zdaxie/SimMIM"
+_SWINV2_ATTENTION_KEY = re.compile(r"encoder\.layers\.\d+\.blocks\.\d+\.attn\.(logit_scale$|cpb_mlp\.|rpe_mlp\.)")
+
+
+def _is_official_swinv2(sd: dict) -> bool:
+    return "encoder.patch_embed.proj.weight" in sd and any(_SWINV2_ATTENTION_KEY.match(key) for key in sd)
+
+
+def _coords_table_pretrained_window(table: torch.Tensor, window: int) -> int:
+    """The pretrained window a stored SwinV2 coordinate table was normalised by (0 when by its own window): its
+    largest coordinate, log2(1 + 8 (w-1) / (p-1)) / 3, solved for p."""
+    largest = table.abs().max().item()
+    if window == 1 or largest == 0:
+        return 0
+    span = round(8 * (window - 1) / (2 ** (3 * largest) - 1))
+    return 0 if span + 1 == window else span + 1
+
+
+def _infer_official_swinv2(sd: dict) -> tuple[dict, list]:
+    """Architecture and key mapping of the official SwinV2 (`encoder.layers.s.blocks.b.attn.cpb_mlp.*`; older
+    checkpoints name the CPB MLP `rpe_mlp`)."""
+    embed_dim, channels, patch, _ = sd["encoder.patch_embed.proj.weight"].shape
+    num_stages = _count_indices(sd, r"encoder\.layers\.(\d+)\.")
+    depths = [_count_indices(sd, rf"encoder\.layers\.{s}\.blocks\.(\d+)\.") for s in range(num_stages)]
+    heads = [sd[f"encoder.layers.{s}.blocks.0.attn.logit_scale"].shape[0] for s in range(num_stages)]
+
+    # Per stage: the window (from any stored buffer), the pretrained window (from the coordinate table) and the
+    # token grid side (a shift mask has one entry per window, (side / w)^2).
+    windows, pretrained, sides = {}, {}, {}
+    for s in range(num_stages):
+        for b in range(depths[s]):
+            attn = f"encoder.layers.{s}.blocks.{b}.attn."
+            if attn + "relative_coords_table" in sd:
+                table = sd[attn + "relative_coords_table"]
+                window = (table.shape[1] + 1) // 2
+                windows[s] = window
+                pretrained[s] = _coords_table_pretrained_window(table, window)
+            elif attn + "relative_position_index" in sd:
+                index = attn + "relative_position_index"
+                windows[s] = _square_side(sd[index].shape[0], index)
+            mask_key = f"encoder.layers.{s}.blocks.{b}.attn_mask"
+            if mask_key in sd:
+                windows[s] = _square_side(sd[mask_key].shape[-1], mask_key)
+                sides[s] = _square_side(sd[mask_key].shape[0], mask_key) * windows[s]
+
+    fc1 = sd["encoder.layers.0.blocks.0.mlp.fc1.weight"].shape[0]
+    arch = dict(
+        encoder_type="swinv2", num_channels=channels, patch_size=patch, embed_dim=embed_dim, depths=depths,
+        num_heads=heads, mlp_ratio=fc1 / embed_dim, qkv_bias="encoder.layers.0.blocks.0.attn.q_bias" in sd,
+        use_key_bias=False, use_absolute_position_embeddings="encoder.absolute_pos_embed" in sd,
+        patch_norm="encoder.patch_embed.norm.weight" in sd,
+    )
+    if windows:
+        arch["window_size"] = max(windows.values())
+    if sides:
+        s = min(sides)
+        arch["image_size"] = sides[s] * 2**s * patch
+    elif "encoder.absolute_pos_embed" in sd:
+        positions = sd["encoder.absolute_pos_embed"].shape[1]
+        arch["image_size"] = _square_side(positions, "encoder.absolute_pos_embed") * patch
+    if any(pretrained.values()):
+        arch["pretrained_window_sizes"] = [pretrained.get(s, 0) for s in range(num_stages)]
+
+    block = r"encoder\.layers\.(\d+)\.blocks\.(\d+)\."
+    target = r"simmim.encoder.stages.\1.blocks.\2."
+    rules = [
+        (r"encoder\.patch_embed\.proj\.", "simmim.embeddings.projection."),
+        (r"encoder\.patch_embed\.norm\.", "simmim.embeddings.norm."),
+        (r"encoder\.mask_token$", "simmim.embeddings.mask_token"),
+        (r"encoder\.absolute_pos_embed$", "simmim.embeddings.position_embeddings"),
+        (block + r"norm1\.", target + "attention_output_norm."),
+        (block + r"norm2\.", target + "mlp_output_norm."),
+        (block + r"attn\.(rpe|cpb)_mlp\.", target + "attention.cpb_mlp."),
+        (block + r"attn\.", target + "attention."),
+        (block + r"attn_mask$", target + "shift_mask"),
+        (block + r"mlp\.", target + "mlp."),
+        (r"encoder\.layers\.(\d+)\.downsample\.", r"simmim.encoder.stages.\1.downsample."),
+        (r"encoder\.norm\.", "simmim.layernorm."),
+        (r"decoder\.", "decoder."),
+    ]
+    return arch, rules
+
+
+def _official_swinv2_hints(node: dict | None) -> dict:
+    """`MODEL.SWINV2.WINDOW_SIZE` and `MODEL.SIMMIM.NORM_TARGET` of the official yacs config, where present (0 for a
+    disabled target normalisation). `PRETRAINED_WINDOW_SIZES` is not read: the official SimMIM model ignores it."""
+    if not isinstance(node, dict):
+        return {}
+    model = node.get("MODEL") or {}
+    hints = {}
+    window = (model.get("SWINV2") or {}).get("WINDOW_SIZE")
+    if window is not None:
+        hints["window_size"] = window
+    target = (model.get("SIMMIM") or {}).get("NORM_TARGET")
+    if isinstance(target, dict) and "ENABLE" in target:
+        hints["norm_target_patch_size"] = target.get("PATCH_SIZE", 47) if target["ENABLE"] else 0
+    return hints
+
+
+def _swinv2_settings(kwargs: dict, arch: dict, node: dict | None, origin: str) -> dict:
+    """Fill what a SwinV2 checkpoint's weights leave open: pickled config, then the official recipe."""
+    hints = _official_swinv2_hints(node)
+    if "window_size" in hints and "window_size" in arch and "image_size" in kwargs:
+        # The buffers give each stage's effective window, min(window, stage side): the config must produce them.
+        sides = [kwargs["image_size"] // (kwargs["patch_size"] * 2**s) for s in range(len(arch["depths"]))]
+        stored = [min(arch["window_size"], side) for side in sides]
+        if [min(hints["window_size"], side) for side in sides] != stored:
+            raise ValueError(f"{origin}: its config says MODEL.SWINV2.WINDOW_SIZE={hints['window_size']} but the "
+                             f"stored buffers imply windows {stored}.")
+        if kwargs["window_size"] == arch["window_size"]:
+            kwargs["window_size"] = hints["window_size"]
+    for key, value in {**SWINV2_RECIPE_DEFAULTS, **hints}.items():
+        kwargs.setdefault(key, value)
+    return kwargs
+
+
+def _check_and_drop_coords_tables(model: SimMIMForMaskedImageModeling, state_dict: dict, origin: str) -> dict:
+    """SwinV2 stores its CPB coordinate tables as (1, 2w-1, 2w-1, 2); simmim_hf rebuilds them (flat). They must agree:
+    that proves the inferred window and pretrained window of every block."""
+    buffers = dict(model.named_buffers())
+    kept = {}
+    for key, value in state_dict.items():
+        if not key.endswith("relative_coords_table"):
+            kept[key] = value
+            continue
+        ours = buffers.get(key)
+        if ours is None or ours.numel() != value.numel() or not torch.allclose(
+                ours, value.reshape(ours.shape).to(ours.dtype), rtol=0, atol=1e-6):
+            raise ValueError(
+                f"{origin}: the stored buffer for {key!r} (shape {tuple(value.shape)}) does not match the one "
+                f"simmim_hf computes for the inferred window / pretrained window "
+                f"({'missing' if ours is None else tuple(ours.shape)}); pass window_size / image_size explicitly."
+            )
+    return kept
+
+
+def resolve_checkpoint_reference(checkpoint: str | Path, **hub_kwargs) -> Path:
+    """A local checkpoint path, or a file on the Hub downloaded (and cached) with `huggingface_hub`:
+
+    * `hf://<repo_id>[@<revision>]/<path in repo>`, e.g.
+      `hf://zdaxie/SimMIM/simmim_swinv2_pretrain_models/swinv2_base_1k_500k.pth`;
+    * a Hub file URL, `https://huggingface.co/<repo_id>/resolve/<revision>/<path>` (`?download=true` allowed), as
+      the official MODELHUB.md links the zoo.
+
+    The downloaded file is read like a local one (restricted unpickler: no pickled code runs).
+    """
+    text = str(checkpoint)
+    match = re.fullmatch(r"hf://([^/@]+/[^/@]+)(?:@([^/]+))?/(.+)", text) or re.fullmatch(
+        r"https://huggingface\.co/([^/]+/[^/]+)/(?:resolve|blob)/([^/]+)/([^?]+)(?:\?.*)?", text)
+    if match is None:
+        return Path(checkpoint)
+    repo_id, revision, filename = match.groups()
+    return Path(hf_hub_download(repo_id, filename, revision=revision, **hub_kwargs))
 
 
 # ---------------------------------------------------------------------------------------------- transformers
@@ -686,7 +866,13 @@ def convert_transformers_checkpoint(model_or_path, **overrides) -> SimMIMForMask
     Differences that cannot be represented (transformers pads Swin stages that the window does not divide,
     simmim_hf requires divisibility; encoder_stride not equal to the real downsampling) are ValueErrors.
     """
-    from transformers import PreTrainedModel, SwinForMaskedImageModeling, ViTForMaskedImageModeling
+    from transformers import (
+        PreTrainedModel,
+        SwinForMaskedImageModeling,
+        Swinv2ForMaskedImageModeling,
+        Swinv2Model,
+        ViTForMaskedImageModeling,
+    )
 
     if isinstance(model_or_path, PreTrainedModel):
         hf_model, origin = model_or_path, f"transformers model {type(model_or_path).__name__}"
@@ -696,23 +882,34 @@ def convert_transformers_checkpoint(model_or_path, **overrides) -> SimMIMForMask
         kwargs, state_dict = _convert_transformers_vit(hf_model, origin)
     elif isinstance(hf_model, SwinForMaskedImageModeling):
         kwargs, state_dict = _convert_transformers_swin(hf_model, origin)
+    elif isinstance(hf_model, (Swinv2ForMaskedImageModeling, Swinv2Model)):
+        kwargs, state_dict = _convert_transformers_swinv2(hf_model, origin)
     else:
         raise ValueError(
-            f"`model_or_path` must be a ViTForMaskedImageModeling or SwinForMaskedImageModeling; got "
-            f"{type(hf_model).__name__} ({origin})."
+            f"`model_or_path` must be a ViTForMaskedImageModeling or SwinForMaskedImageModeling, or a "
+            f"Swinv2ForMaskedImageModeling or Swinv2Model; got {type(hf_model).__name__} ({origin})."
         )
     kwargs = _merge_overrides(kwargs, overrides, "transformers")
     kwargs.setdefault("mask_patch_size", _default_mask_patch_size(kwargs["image_size"], kwargs["patch_size"]))
     config = _build_config(kwargs, origin)
-    model = SimMIMForMaskedImageModeling(config)
+    # A bare encoder (Swinv2Model) has no SimMIM head to convert: it becomes the bare encoder, SimMIMModel.
+    model = SimMIMModel(config) if isinstance(hf_model, Swinv2Model) else SimMIMForMaskedImageModeling(config)
     if isinstance(hf_model, SwinForMaskedImageModeling):
         _check_swin_index_buffers(hf_model, model, origin)
+    if isinstance(hf_model, (Swinv2ForMaskedImageModeling, Swinv2Model)):
+        _check_swinv2_buffers(hf_model, model, origin)
     _load_strict(model, state_dict, origin)
     return model.eval()
 
 
 def _load_transformers_model(path):
-    from transformers import AutoConfig, SwinForMaskedImageModeling, ViTForMaskedImageModeling
+    from transformers import (
+        AutoConfig,
+        SwinForMaskedImageModeling,
+        Swinv2ForMaskedImageModeling,
+        Swinv2Model,
+        ViTForMaskedImageModeling,
+    )
 
     local = Path(path)
     if local.is_file():
@@ -728,13 +925,101 @@ def _load_transformers_model(path):
         raise ValueError(
             f"`checkpoint` {str(path)!r} is neither a transformers model folder nor a reachable Hub id: {error}"
         ) from error
-    classes = {"vit": ViTForMaskedImageModeling, "swin": SwinForMaskedImageModeling}
+    classes = {"vit": ViTForMaskedImageModeling, "swin": SwinForMaskedImageModeling,
+               # A Swinv2 checkpoint of another head (e.g. a classifier) converts as its encoder.
+               "swinv2": Swinv2ForMaskedImageModeling
+               if "Swinv2ForMaskedImageModeling" in (config.architectures or []) else Swinv2Model}
     if config.model_type not in classes:
         raise ValueError(
             f"{str(path)!r} has model_type={config.model_type!r}; expected one of {sorted(classes)} "
-            "(transformers' ViT or Swin for masked image modeling)."
+            "(transformers' ViT, Swin or Swinv2 for masked image modeling, or a Swinv2 encoder)."
         )
     return classes[config.model_type].from_pretrained(path).eval()
+
+
+# ---------------------------------------------------------------------------------------------- transformers SwinV2
+def _convert_transformers_swinv2(model, origin: str) -> tuple[dict, dict]:
+    """`Swinv2ForMaskedImageModeling` (encoder under `swinv2.`, SimMIM decoder) or a bare `Swinv2Model`."""
+    from transformers import Swinv2Model
+
+    c = model.config
+    if c.layer_norm_eps != 1e-5:
+        raise ValueError(
+            f"{origin}: Swinv2Config.layer_norm_eps={c.layer_norm_eps}, but transformers' Swinv2 always uses 1e-5 in "
+            "its patch-embedding norm; simmim_hf uses one epsilon, so only layer_norm_eps=1e-5 converts exactly."
+        )
+    if c.use_absolute_embeddings:
+        raise ValueError(
+            f"{origin}: use_absolute_embeddings=True. transformers' Swinv2 sizes these embeddings for one token more "
+            "than its patch grid and cannot add them in its forward, so there is no working model to convert."
+        )
+    depths = list(c.depths)
+    pretrained = list(c.pretrained_window_sizes or [])[: len(depths)]
+    kwargs = dict(
+        encoder_type="swinv2", embed_dim=c.embed_dim, depths=depths, num_heads=list(c.num_heads),
+        window_size=c.window_size, mlp_ratio=c.mlp_ratio, drop_path_rate=c.drop_path_rate,
+        use_absolute_position_embeddings=False, patch_norm=True, **_common_fields(c),
+    )
+    kwargs["use_key_bias"] = False  # transformers' Swinv2 key projection has no bias
+    if any(pretrained):
+        kwargs["pretrained_window_sizes"] = pretrained + [0] * (len(depths) - len(pretrained))
+    bare = isinstance(model, Swinv2Model)
+    src_root, dst_root = ("", "") if bare else ("swinv2.", "simmim.")
+    if not bare:
+        _check_decoder_stride(c, kwargs["patch_size"] * 2 ** (len(depths) - 1), origin)
+    sd = dict(model.state_dict())
+    out = {}
+    # A Swinv2Model built without `use_mask_token` has none; transformers would initialise it at zero.
+    mask_token = sd.pop(f"{src_root}embeddings.mask_token", None)
+    out[f"{dst_root}embeddings.mask_token"] = mask_token if mask_token is not None else torch.zeros(1, 1, c.embed_dim)
+    for name in ("weight", "bias"):
+        out[f"{dst_root}embeddings.projection.{name}"] = sd.pop(
+            f"{src_root}embeddings.patch_embeddings.projection.{name}")
+        out[f"{dst_root}embeddings.norm.{name}"] = sd.pop(f"{src_root}embeddings.norm.{name}")
+        out[f"{dst_root}layernorm.{name}"] = sd.pop(f"{src_root}layernorm.{name}")
+        if not bare:
+            out[f"decoder.0.{name}"] = sd.pop(f"decoder.0.{name}")
+    parts = {"layernorm_before": "attention_output_norm", "layernorm_after": "mlp_output_norm",
+             "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2", "attention.output.dense": "attention.proj"}
+    for s, depth in enumerate(depths):
+        for b in range(depth):
+            src = f"{src_root}encoder.layers.{s}.blocks.{b}"
+            dst = f"{dst_root}encoder.stages.{s}.blocks.{b}"
+            attention = f"{src}.attention.self"
+            out[f"{dst}.attention.qkv.weight"] = torch.cat(
+                [sd.pop(f"{attention}.{n}.weight") for n in ("query", "key", "value")])
+            for n, ours in (("query", "q_bias"), ("value", "v_bias")):
+                bias = sd.pop(f"{attention}.{n}.bias", None)
+                if bias is not None:
+                    out[f"{dst}.attention.{ours}"] = bias
+            out[f"{dst}.attention.logit_scale"] = sd.pop(f"{attention}.logit_scale")
+            for name in ("0.weight", "0.bias", "2.weight"):
+                out[f"{dst}.attention.cpb_mlp.{name}"] = sd.pop(f"{attention}.continuous_position_bias_mlp.{name}")
+            for theirs, ours in parts.items():
+                for name in ("weight", "bias"):
+                    out[f"{dst}.{ours}.{name}"] = sd.pop(f"{src}.{theirs}.{name}")
+        if s < len(depths) - 1:
+            src, dst = f"{src_root}encoder.layers.{s}.downsample", f"{dst_root}encoder.stages.{s}.downsample"
+            out[f"{dst}.reduction.weight"] = sd.pop(f"{src}.reduction.weight")
+            for name in ("weight", "bias"):
+                out[f"{dst}.norm.{name}"] = sd.pop(f"{src}.norm.{name}")
+    return kwargs, _finish(sd, out, origin)
+
+
+def _check_swinv2_buffers(hf_model, model: torch.nn.Module, origin: str) -> None:
+    """transformers rebuilds its coordinate tables and indices (non-persistent buffers): compare with ours."""
+    ours = dict(model.named_buffers())
+    prefix = "" if "simmim." not in next(iter(ours), "simmim.") else "simmim."
+    for name, buffer in hf_model.named_buffers():
+        match = re.search(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.self\."
+                          r"(relative_coords_table|relative_position_index)$", name)
+        if match is None:
+            continue
+        key = f"{prefix}encoder.stages.{match.group(1)}.blocks.{match.group(2)}.attention.{match.group(3)}"
+        mine = ours.get(key)
+        if mine is None or mine.numel() != buffer.numel() or not torch.allclose(
+                mine.reshape(-1).double(), buffer.reshape(-1).double(), rtol=0, atol=1e-6):
+            raise ValueError(f"{origin}: {match.group(3)} of {name} differs from simmim_hf's {key}.")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -755,11 +1040,14 @@ def save_converted(model: SimMIMForMaskedImageModeling, output_dir: str | Path) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="simmim-convert",
-        description="Convert an official SimMIM or a transformers ViT/Swin MIM checkpoint into a simmim_hf folder.",
+        description="Convert an official SimMIM (ViT, Swin, SwinV2) or a transformers ViT/Swin/Swinv2 checkpoint "
+                    "into a simmim_hf folder.",
     )
     parser.add_argument("--source", required=True, help=f"one of {SOURCES}")
     parser.add_argument("--checkpoint", required=True,
-                        help="official: .pth/.bin/.safetensors file; transformers: model folder or Hub id")
+                        help="official: .pth/.bin/.safetensors file, or a Hub file as hf://<repo>/<path> or a "
+                             "https://huggingface.co/<repo>/resolve/<revision>/<path> URL (e.g. the SwinV2 zoo, "
+                             f"{SWINV2_ZOO_REPO}); transformers: model folder or Hub id")
     parser.add_argument("--output", required=True, help="folder to write (save_pretrained layout)")
     parser.add_argument("--mask_patch_size", type=int,
                         help="masking unit in pixels (default: checkpoint config, else 32 at >= 192 px and "
@@ -769,12 +1057,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_attention_heads", type=int, help="official ViT without relative position bias only")
     parser.add_argument("--layer_norm_eps", type=float, help="default 1e-6 (ViT) / 1e-5 (Swin), as the official code")
     parser.add_argument("--drop_path_rate", type=float, help="stored in the config for further training")
+    parser.add_argument("--window_size", type=int,
+                        help="official SwinV2 whose stored buffers do not reveal it (default: checkpoint config, else "
+                             f"the official recipe's {SWINV2_RECIPE_DEFAULTS['window_size']})")
+    parser.add_argument("--norm_target_patch_size", type=int,
+                        help="local target normalisation window k, 0 = off (default: official SwinV2: checkpoint "
+                             f"config, else the recipe's {SWINV2_RECIPE_DEFAULTS['norm_target_patch_size']}; "
+                             "others: off)")
     args = parser.parse_args(argv)
 
     if args.source not in SOURCES:
         raise ValueError(f"`--source` must be one of {SOURCES}; got {args.source!r}.")
     overrides = {
-        key: getattr(args, key) for key in ("mask_patch_size", "mask_ratio", "layer_norm_eps", "drop_path_rate")
+        key: getattr(args, key) for key in ("mask_patch_size", "mask_ratio", "layer_norm_eps", "drop_path_rate",
+                                            "window_size", "norm_target_patch_size")
     }
     if args.source == "official":
         overrides.update(image_size=args.image_size, num_attention_heads=args.num_attention_heads)
@@ -783,6 +1079,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.image_size is not None or args.num_attention_heads is not None:
             raise ValueError("`--image_size` and `--num_attention_heads` apply to --source official only.")
         overrides = {key: value for key, value in overrides.items() if value is not None}
+        if overrides.get("norm_target_patch_size") == 0:  # off, the default here
+            del overrides["norm_target_patch_size"]
         model = convert_transformers_checkpoint(args.checkpoint, **overrides)
     output = save_converted(model, args.output)
     config = model.config

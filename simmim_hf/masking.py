@@ -61,15 +61,17 @@ def _as_hw(value, name: str) -> tuple[int, int]:
 
 
 def validate_mask_settings(
-    input_size, patch_size: int, mask_patch_size: int, mask_ratio: float, strategy: str = "random"
+    input_size, patch_size: int, mask_patch_size: int, mask_ratio: float, strategy: str = "random",
+    size_name: str = "size",
 ) -> tuple[int, int]:
-    """Check a masking recipe; returns `input_size` as `(height, width)`.
+    """Check a masking recipe; returns `input_size` as `(height, width)`. The one rule for the mask generator, the
+    processor and `SimMIMConfig` (which names the size `image_size`, via `size_name`).
 
     Raises a `ValueError` naming the offending argument and value when `mask_ratio` is not strictly
     between 0 and 1, `strategy` is unknown, `mask_patch_size` is not a multiple of `patch_size`, or the
     input size is not divisible by `mask_patch_size`.
     """
-    height, width = _as_hw(input_size, "size")
+    height, width = _as_hw(input_size, size_name)
     for name, value in (("patch_size", patch_size), ("mask_patch_size", mask_patch_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f"`{name}` must be a positive integer; got {name}={value!r}.")
@@ -79,13 +81,14 @@ def validate_mask_settings(
         raise ValueError(f"`mask_ratio` must lie strictly between 0 and 1; got mask_ratio={mask_ratio!r}.")
     if mask_patch_size % patch_size:
         raise ValueError(
-            f"`mask_patch_size` must be a multiple of the model's patch_size={patch_size}; "
+            f"`mask_patch_size` must be a multiple of patch_size={patch_size}; "
             f"got mask_patch_size={mask_patch_size}."
         )
     if height % mask_patch_size or width % mask_patch_size:
         raise ValueError(
-            f"`size` must be divisible by mask_patch_size={mask_patch_size} in height and width; "
-            f"got size=(height={height}, width={width})."
+            f"`{size_name}` must be divisible by mask_patch_size={mask_patch_size} in height and width; "
+            f"got {size_name}=" + (f"{height}" if isinstance(input_size, int) else f"(height={height}, width={width})")
+            + "."
         )
     return height, width
 
@@ -269,6 +272,78 @@ class SimMIMMaskGenerator:
         return mask
 
 
+# ---------------------------------------------------------------------------------------------- AvgDist
+def average_masked_distance(bool_masked_pos: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
+    """AvgDist, the paper's masking diagnostic: per image, the mean Euclidean distance in pixels from each masked
+    pixel to the nearest visible pixel (distances between pixel centres: a masked pixel next to a visible one is
+    at 1). The paper finds the best masks around 10-20 px.
+
+    bool_masked_pos: (B, (H/p)*(W/p)) at the model's patch resolution p, row-major, True = masked (as the
+    processor emits it). Returns (B,) float32. Raises a `ValueError` for an image with every pixel masked (no
+    visible pixel to measure to) or none (no masked pixel to average over).
+
+    Exact and loop-free over pixels: the mask is constant on p x p patches, so the squared distance transform is
+    separable over patch intervals. Pass 1: for pixel row i and patch column b, the vertical distance to the
+    nearest visible patch of column b; pass 2: D^2(i, j) = min_b [g^2(i, b) + (distance from column j to patch
+    column b)^2]. Memory per image is H * W * (W/p) values.
+    """
+    if isinstance(patch_size, bool) or not isinstance(patch_size, (int, np.integer)) or patch_size <= 0:
+        raise ValueError(f"`patch_size` must be a positive integer; got patch_size={patch_size!r}.")
+    height, width = _as_hw((height, width), "height, width")
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"`height` and `width` must be divisible by patch_size={patch_size}; "
+                         f"got height={height}, width={width}.")
+    gh, gw = height // patch_size, width // patch_size
+    mask = torch.as_tensor(bool_masked_pos)
+    if mask.ndim != 2 or mask.shape[1] != gh * gw:
+        raise ValueError(f"`bool_masked_pos` must have shape (batch, (H/p)*(W/p)) = (batch, {gh * gw}) for a "
+                         f"{height}x{width} image and patch_size={patch_size}; got {tuple(mask.shape)}.")
+    mask = mask.bool().view(-1, gh, gw).cpu()
+    all_masked, none_masked = mask.flatten(1).all(1), ~mask.flatten(1).any(1)
+    for name, bad in (("every pixel is masked (no visible pixel to measure to)", all_masked),
+                      ("no pixel is masked (nothing to average over)", none_masked)):
+        if bad.any():
+            raise ValueError(f"AvgDist is undefined for image(s) {bad.nonzero().flatten().tolist()} of "
+                             f"`bool_masked_pos`: {name}.")
+
+    def interval_distance(size: int, cells: int) -> torch.Tensor:
+        """(size, cells): distance from pixel i to the nearest pixel of patch interval [c*p, c*p + p - 1]."""
+        pixel = torch.arange(size, dtype=torch.float32)[:, None]
+        start = torch.arange(cells, dtype=torch.float32)[None, :] * patch_size
+        return torch.clamp(torch.maximum(start - pixel, pixel - (start + patch_size - 1)), min=0.0)
+
+    # A masked patch is infinitely far (a column without visible patch stays at inf; pass 2 takes the minimum).
+    rows_sq = interval_distance(height, gh) ** 2  # (H, gh)
+    cols_sq = interval_distance(width, gw) ** 2  # (W, gw)
+    result = torch.empty(mask.shape[0], dtype=torch.float32)
+    for index, image in enumerate(mask):  # one image at a time bounds the (H, W, gw) intermediate
+        blocked = torch.where(image, torch.inf, 0.0)  # (gh, gw)
+        vertical_sq = (rows_sq[:, :, None] + blocked[None]).amin(dim=1)  # (H, gw)
+        distance_sq = (vertical_sq[:, None, :] + cols_sq[None, :, :]).amin(dim=2)  # (H, W)
+        masked_pixels = image.repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
+        result[index] = distance_sq[masked_pixels].sqrt().mean()
+    return result
+
+
+def expected_average_masked_distance(config, num_samples: int = 256, seed: int = 0, strategy: str | None = None
+                                     ) -> float:
+    """A masking recipe's expected AvgDist in pixels: the mean of `average_masked_distance` over `num_samples`
+    masks drawn (seeded, so reproducible) from its generator at `config.image_size`.
+
+    `config`: anything with `image_size`, `patch_size`, `mask_patch_size` and `mask_ratio` (a `SimMIMConfig`);
+    `strategy` defaults to `config.mask_strategy` where it has one, else `"random"`. The paper's default (random,
+    32 px units, ratio 0.6, 192 px) gives about 15 px.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"`num_samples` must be a positive integer; got num_samples={num_samples!r}.")
+    strategy = strategy if strategy is not None else getattr(config, "mask_strategy", "random")
+    generator = SimMIMMaskGenerator(config.image_size, config.patch_size, config.mask_patch_size, config.mask_ratio,
+                                    strategy)
+    height, width = generator.input_size
+    masks = generator(int(num_samples), generator=torch.Generator().manual_seed(seed))
+    return float(average_masked_distance(masks, config.patch_size, height, width).mean())
+
+
 class _Uniforms:
     """Uniform [0, 1) draws from a torch generator, fetched in chunks (one torch call per 256 draws)."""
 
@@ -285,4 +360,5 @@ class _Uniforms:
         return out
 
 
-__all__ = ["MASK_STRATEGIES", "SimMIMMaskGenerator", "validate_mask_settings"]
+__all__ = ["MASK_STRATEGIES", "SimMIMMaskGenerator", "average_masked_distance", "expected_average_masked_distance",
+           "validate_mask_settings"]

@@ -1,11 +1,14 @@
-"""SimMIM models: ViT (BEiT-style, as in the paper) and Swin v1 encoders, the linear reconstruction head with
+"""SimMIM models: ViT (BEiT-style, as in the paper), Swin v1 and SwinV2 encoders, the linear reconstruction head with
 the masked L1 loss, and an image classifier for fine-tuning.
 
 Data flow of `SimMIMForMaskedImageModeling` (B = batch, p = patch size, s = encoder stride, C = width):
 
     pixel_values (B, 3, H, W) --patch conv--> (B, H/p * W/p, C) --masked patches -> mask token-->
-    encoder (ViT blocks | Swin stages) --> feature map (B, C, H/s, W/s) --1x1 conv--> (B, s*s*3, H/s, W/s)
+    encoder (ViT blocks | Swin / SwinV2 stages) --> feature map (B, C, H/s, W/s) --1x1 conv--> (B, s*s*3, H/s, W/s)
     --PixelShuffle(s)--> reconstruction (B, 3, H, W);   loss = L1 on the masked pixels only.
+
+That is the paper's default; the config's component options (head_type, loss_type, prediction_resolution,
+loss_area, norm_target_patch_size) swap one piece each, see `SimMIMForMaskedImageModeling`.
 
 Hub-facing module: copied next to the weights for `trust_remote_code`, so it imports its siblings only
 relatively and depends on nothing but torch and transformers.
@@ -309,6 +312,11 @@ class SimMIMViTLayer(GradientCheckpointingLayer):
         )
         self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = SimMIMMLP(config, dim, config.intermediate_size)
+        # The official ViT shrinks the residual-branch outputs of block l (1-based) by 1/sqrt(2l) at init. The depth
+        # sits on the two projections, which own parameters: transformers skips `_init_weights` for a module without
+        # parameters of its own, which this block is without LayerScale.
+        for linear in (self.attention.proj, self.mlp.fc2):
+            linear.residual_rescale_depth = layer_index + 1
         use_layer_scale = config.layer_scale_init_value and config.layer_scale_init_value > 0
         self.lambda_1 = nn.Parameter(torch.ones(dim)) if use_layer_scale else None
         self.lambda_2 = nn.Parameter(torch.ones(dim)) if use_layer_scale else None
@@ -382,20 +390,13 @@ class SimMIMSwinEmbeddings(nn.Module):
         return self.dropout(tokens)
 
 
-class SimMIMSwinLayer(GradientCheckpointingLayer):
-    """Swin block: (shifted) window attention, then MLP, both pre-norm with residuals."""
+class SimMIMShiftedWindowLayer(GradientCheckpointingLayer):
+    """What Swin v1 and v2 blocks share: the window partition of a stage (a stage no larger than the window attends
+    globally and does not shift, as in Swin), the shift with its attention mask, and attention within windows."""
 
-    def __init__(self, config: SimMIMConfig, dim: int, num_heads: int, resolution: int, shift: bool,
-                 drop_path_rate: float):
-        super().__init__()
-        # A stage no larger than the window attends globally and does not shift (as in Swin).
+    def _init_windows(self, config: SimMIMConfig, resolution: int, shift: bool) -> None:
         self.window_size = min(config.window_size, resolution)
         self.shift_size = self.window_size // 2 if shift and resolution > config.window_size else 0
-        self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.attention = SimMIMAttention(config, dim, num_heads, bias_grid=(self.window_size,) * 2)
-        self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.mlp = SimMIMMLP(config, dim, int(dim * config.mlp_ratio))
-        self.drop_path = DropPath(drop_path_rate)
         # The shift mask at the configured resolution is built once; other resolutions build theirs on the fly.
         self.resolution = resolution
         self.register_buffer("shift_mask", self._shift_mask(resolution, resolution), persistent=False)
@@ -405,25 +406,43 @@ class SimMIMSwinLayer(GradientCheckpointingLayer):
             return None
         return shifted_window_mask(height, width, self.window_size, self.shift_size)
 
-    def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int], output_attentions: bool = False):
-        """hidden_states (B, H*W, C) on an H x W token grid."""
+    def _window_attention(self, x: torch.Tensor, grid: tuple[int, int], output_attentions: bool):
+        """x (B, H, W, C) -> attention within (shifted) windows, (B, H*W, C), and the weights if asked."""
         height, width = grid
-        b, _, c = hidden_states.shape
-        x = self.layernorm_before(hidden_states).view(b, height, width, c)
+        b, _, _, c = x.shape
         if self.shift_size:
             x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
         windows = window_partition(x, self.window_size)  # (B, nW, w*w, C)
-
         attention_bias = None
         if self.shift_size:
             mask = self.shift_mask if grid == (self.resolution,) * 2 else self._shift_mask(height, width).to(x)
             attention_bias = mask.unsqueeze(1)  # (nW, 1, N, N): the same for every head
         attended, weights = self.attention(windows, attention_bias, output_attentions)
-
         x = window_reverse(attended, self.window_size, height, width)
         if self.shift_size:
             x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
-        hidden_states = hidden_states + self.drop_path(x.reshape(b, height * width, c))
+        return x.reshape(b, height * width, c), weights
+
+
+class SimMIMSwinLayer(SimMIMShiftedWindowLayer):
+    """Swin block: (shifted) window attention, then MLP, both pre-norm with residuals."""
+
+    def __init__(self, config: SimMIMConfig, dim: int, num_heads: int, resolution: int, shift: bool,
+                 drop_path_rate: float):
+        super().__init__()
+        self._init_windows(config, resolution, shift)
+        self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attention = SimMIMAttention(config, dim, num_heads, bias_grid=(self.window_size,) * 2)
+        self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = SimMIMMLP(config, dim, int(dim * config.mlp_ratio))
+        self.drop_path = DropPath(drop_path_rate)
+
+    def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int], output_attentions: bool = False):
+        """hidden_states (B, H*W, C) on an H x W token grid."""
+        b, _, c = hidden_states.shape
+        x = self.layernorm_before(hidden_states).view(b, *grid, c)
+        attended, weights = self._window_attention(x, grid, output_attentions)
+        hidden_states = hidden_states + self.drop_path(attended)
         hidden_states = hidden_states + self.drop_path(self.mlp(self.layernorm_after(hidden_states)))
         return hidden_states, weights
 
@@ -459,12 +478,14 @@ class SimMIMSwinStage(nn.Module):
 
 
 class SimMIMSwinEncoder(nn.Module):
+    stage_class = SimMIMSwinStage  # SwinV2 swaps in its own stages
+
     def __init__(self, config: SimMIMConfig):
         super().__init__()
         rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
         starts = [sum(config.depths[:s]) for s in range(len(config.depths))]
         self.stages = nn.ModuleList([
-            SimMIMSwinStage(config, s, rates[start:start + depth])
+            self.stage_class(config, s, rates[start:start + depth])
             for s, (start, depth) in enumerate(zip(starts, config.depths))
         ])
 
@@ -482,6 +503,195 @@ class SimMIMSwinEncoder(nn.Module):
                 hidden_states = stage.downsample(hidden_states, grid)
                 grid = (grid[0] // 2, grid[1] // 2)
         return hidden_states, grid, all_hidden, all_attentions
+
+
+# ---------------------------------------------------------------------------------------------- SwinV2
+# Swin Transformer V2 as microsoft/Swin-Transformer `models/swin_transformer_v2.py` (and its SimMIM wrapper, whose
+# embeddings are Swin v1's: patch projection, its norm, then the mask token): cosine attention with a clamped
+# per-head temperature, a continuous position bias (CPB) computed by a small MLP from log-spaced relative
+# coordinates, q and v biases only, res-post-norm blocks and reduce-then-norm patch merging.
+
+# The learned per-head log temperature is clamped at log(1 / 0.01), so cosine logits are scaled by at most 100.
+SWINV2_MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
+SWINV2_INITIAL_LOGIT_SCALE = math.log(10.0)
+# The CPB MLP maps a 2-d relative coordinate through 512 hidden units to one value per head; its output is bounded
+# by 16 * sigmoid.
+SWINV2_CPB_HIDDEN_SIZE = 512
+SWINV2_CPB_BIAS_BOUND = 16.0
+
+
+def swinv2_relative_coords_table(window: int, pretrained_window: int = 0) -> torch.Tensor:
+    """The CPB MLP's input, ((2w-1)^2, 2) rows in the row order `relative_position_index` reads.
+
+    Each relative offset (dy, dx) of a w x w window is divided by `pretrained_window - 1` (by `w - 1` when
+    `pretrained_window` is 0), stretched to [-8, 8] and compressed log-spaced: sign(t) * log2(1 + |t|) / log2(8).
+    Normalising by the pretraining window keeps the offsets seen in pretraining at the same coordinates when a
+    larger window is used for fine-tuning. A 1x1 window has the single offset 0 and divides by nothing.
+    """
+    offsets = torch.arange(-(window - 1), window, dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), dim=-1)
+    span = (pretrained_window if pretrained_window > 0 else window) - 1
+    if span > 0:
+        table = table / span
+    table = table * 8
+    return (torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)).reshape(-1, 2)
+
+
+class SimMIMSwinV2Attention(SimMIMAttention):
+    """SwinV2 window attention: logits = cos(q, k) * exp(min(logit_scale, log 100)) + 16 * sigmoid(CPB(coords)).
+
+    It reuses `SimMIMAttention`'s fused qkv projection (q and v biases, the key bias fixed at zero), output
+    projection and kernel choice. The normalised q, multiplied by its head's scale, and the normalised k go through
+    the standard kernels (SDPA) with scale 1 and the position bias (plus any shift mask) as the additive mask.
+
+    Numerics: the normalisation, the CPB MLP and the attention itself (logits, softmax, weighted sum of the values)
+    run in float32 whatever the autocast or parameter dtype; cosine logits scaled by up to 100 need float32's
+    precision, and half-precision norms of large q and k overflow (|q|^2 beyond 65504 in fp16), one way SwinV2 turns
+    NaN in fp16. The projections before and after run in the compute dtype.
+    """
+
+    def __init__(self, config: SimMIMConfig, dim: int, num_heads: int, window: int, pretrained_window: int = 0):
+        super().__init__(config, dim, num_heads, bias_grid=None)
+        self.window_size = window
+        self.pretrained_window_size = pretrained_window
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), SWINV2_INITIAL_LOGIT_SCALE))
+        self.cpb_mlp = nn.Sequential(
+            nn.Linear(2, SWINV2_CPB_HIDDEN_SIZE), nn.ReLU(inplace=True),
+            nn.Linear(SWINV2_CPB_HIDDEN_SIZE, num_heads, bias=False),
+        )
+        # Both derive from the window sizes alone: rebuilt on load, never stored.
+        self.register_buffer("relative_coords_table", swinv2_relative_coords_table(window, pretrained_window),
+                             persistent=False)
+        self.register_buffer("relative_position_index", relative_position_index(window, window, with_cls=False),
+                             persistent=False)
+
+    def set_pretrained_window_size(self, pretrained_window: int) -> None:
+        """Renormalise the CPB coordinates for another pretraining window (0 = this window)."""
+        self.pretrained_window_size = pretrained_window
+        table = swinv2_relative_coords_table(self.window_size, pretrained_window)
+        self.relative_coords_table = table.to(self.relative_coords_table.device)
+
+    def logit_scales(self) -> torch.Tensor:
+        """(heads, 1, 1) float32: the clamped, exponentiated temperatures."""
+        return torch.clamp(self.logit_scale.float(), max=SWINV2_MAX_LOGIT_SCALE).exp()
+
+    def position_bias(self) -> torch.Tensor:
+        """(heads, N, N) float32: 16 * sigmoid of the CPB MLP's output, gathered for every (query, key) pair."""
+        first, _, second = self.cpb_mlp
+        hidden = F.relu(F.linear(self.relative_coords_table.float(), first.weight.float(), first.bias.float()))
+        table = SWINV2_CPB_BIAS_BOUND * torch.sigmoid(F.linear(hidden, second.weight.float()))  # (rows, heads)
+        n = self.relative_position_index.shape[0]
+        return table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None,
+                output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `SimMIMAttention.forward`: hidden_states (B, G, N, C), attention_bias (G, 1, N, N) or None."""
+        b, g, n, c = hidden_states.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        qkv = F.linear(hidden_states, self.qkv.weight, self.qkv_bias())
+        query, key, value = (
+            qkv.view(b, g, n, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5)
+            .reshape(3, b, g * heads, n, head_dim).unbind(0)
+        )
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            query = F.normalize(query.float(), dim=-1).view(b, g, heads, n, head_dim) * self.logit_scales()
+            query = query.view(b, g * heads, n, head_dim)
+            key = F.normalize(key.float(), dim=-1)
+            bias = self.position_bias().unsqueeze(0)  # (1, heads, N, N)
+            if attention_bias is not None:
+                bias = bias + attention_bias.float()
+            bias = bias.expand(g, heads, n, n).reshape(1, g * heads, n, n)
+            attention_fn = self.attention_function(bias, output_attentions)
+            context, weights = attention_fn(
+                self, query, key, value.float(), bias,
+                dropout=self.attention_dropout if self.training else 0.0, scaling=1.0, is_causal=False,
+            )
+        output = self.proj_dropout(self.proj(context.to(qkv.dtype).view(b, n, g, c)))
+        if weights is not None:
+            weights = weights.view(b * g, heads, n, n)
+        return output.transpose(1, 2), weights
+
+
+class SimMIMSwinV2PostNorm(nn.LayerNorm):
+    """The LayerNorm on a residual branch's output (res-post-norm). Its own class so that initialisation finds it:
+    transformers skips `_init_weights` for a custom module without parameters or buffers of its own, such as a
+    block without a shift mask, so the block cannot reach into its norms itself."""
+
+
+class SimMIMSwinV2Layer(SimMIMShiftedWindowLayer):
+    """SwinV2 block, res-post-norm: x + norm(attention(x)), then x + norm(mlp(x)); (shifted) windows as Swin v1."""
+
+    def __init__(self, config: SimMIMConfig, dim: int, num_heads: int, resolution: int, shift: bool,
+                 drop_path_rate: float, pretrained_window: int = 0):
+        super().__init__()
+        self._init_windows(config, resolution, shift)
+        self.attention = SimMIMSwinV2Attention(config, dim, num_heads, self.window_size, pretrained_window)
+        self.attention_output_norm = SimMIMSwinV2PostNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = SimMIMMLP(config, dim, int(dim * config.mlp_ratio))
+        self.mlp_output_norm = SimMIMSwinV2PostNorm(dim, eps=config.layer_norm_eps)
+        self.drop_path = DropPath(drop_path_rate)
+
+    def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int], output_attentions: bool = False):
+        """hidden_states (B, H*W, C) on an H x W token grid."""
+        b, _, c = hidden_states.shape
+        attended, weights = self._window_attention(hidden_states.view(b, *grid, c), grid, output_attentions)
+        hidden_states = hidden_states + self.drop_path(self.attention_output_norm(attended))
+        hidden_states = hidden_states + self.drop_path(self.mlp_output_norm(self.mlp(hidden_states)))
+        return hidden_states, weights
+
+
+class SimMIMSwinV2PatchMerging(nn.Module):
+    """SwinV2 patch merging: concatenate 2x2 neighbours (4C, Swin's channel order), project to 2C, then norm."""
+
+    def __init__(self, config: SimMIMConfig, dim: int):
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(2 * dim, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        height, width = grid
+        b, _, c = hidden_states.shape
+        x = hidden_states.view(b, height, width, c)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.norm(self.reduction(x.view(b, -1, 4 * c)))
+
+
+class SimMIMSwinV2Stage(nn.Module):
+    def __init__(self, config: SimMIMConfig, stage: int, drop_path_rates: list[float]):
+        super().__init__()
+        dim = config.embed_dim * 2**stage
+        resolution = config.image_size // (config.patch_size * 2**stage)
+        pretrained_window = (config.pretrained_window_sizes or [0] * len(config.depths))[stage]
+        self.blocks = nn.ModuleList([
+            SimMIMSwinV2Layer(config, dim, config.num_heads[stage], resolution, shift=i % 2 == 1,
+                              drop_path_rate=rate, pretrained_window=pretrained_window)
+            for i, rate in enumerate(drop_path_rates)
+        ])
+        self.downsample = SimMIMSwinV2PatchMerging(config, dim) if stage < len(config.depths) - 1 else None
+
+
+class SimMIMSwinV2Encoder(SimMIMSwinEncoder):
+    """Swin v1's stage loop over SwinV2 stages."""
+
+    stage_class = SimMIMSwinV2Stage
+
+
+def _init_swinv2_module(module: nn.Module, init_recipe: str) -> None:
+    """SwinV2 parts of the initialisation, run after `_init_weights`' generic branches for the same module: the
+    temperatures start at log(10), the rebuilt buffers are filled, and with the official recipe every block's
+    post-norms start at zero weight and bias (`_init_respostnorm`, called unconditionally by the official model),
+    so each block starts as the identity. transformers' Swinv2 keeps them at ones / zeros."""
+    if isinstance(module, SimMIMSwinV2PostNorm) and init_recipe == "simmim":
+        init.zeros_(module.weight)
+        init.zeros_(module.bias)
+    elif isinstance(module, SimMIMSwinV2Attention):
+        init.constant_(module.logit_scale, SWINV2_INITIAL_LOGIT_SCALE)
+        init.copy_(module.relative_coords_table,
+                   swinv2_relative_coords_table(module.window_size, module.pretrained_window_size))
+        init.copy_(module.relative_position_index,
+                   relative_position_index(module.window_size, module.window_size, with_cls=False))
+    elif isinstance(module, SimMIMSwinV2Layer) and module.shift_mask is not None:
+        init.copy_(module.shift_mask, module._shift_mask(module.resolution, module.resolution))
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -512,13 +722,15 @@ class SimMIMPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["SimMIMViTLayer", "SimMIMSwinLayer"]
+    _no_split_modules = ["SimMIMViTLayer", "SimMIMSwinLayer", "SimMIMSwinV2Layer"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = False
-    # Parameters exempt from weight decay besides biases and other 1-D tensors (norms, LayerScale).
-    _no_weight_decay_keywords = ("cls_token", "mask_token", "position_embeddings", "relative_position_bias_table")
+    # Parameters exempt from weight decay besides biases, other 1-D tensors (norms, LayerScale) and the tokens and
+    # position tables every ViT-family model names alike (`simmim_hf.optimization.DEFAULT_NO_WEIGHT_DECAY_KEYWORDS`):
+    # SwinV2's continuous position bias MLP, logit scales and coordinate tables, as the official code.
+    _no_weight_decay_keywords = ("cpb_mlp", "logit_scale", "relative_coords_table")
 
     # The official pretraining ViT (`VisionTransformerForSimMIM`) truncates every truncated-normal draw at
     # +-1 std; every other official model keeps timm's default bounds of +-2 (absolute, so untruncated at std
@@ -561,6 +773,9 @@ class SimMIMPreTrainedModel(PreTrainedModel):
             self._trunc_normal(module.weight, std)
             if module.bias is not None:
                 init.zeros_(module.bias)
+            depth = getattr(module, "residual_rescale_depth", None)
+            if depth is not None and self.config.init_recipe == "simmim":
+                _scale_unless_loaded(module.weight, 1.0 / math.sqrt(2.0 * depth))
         elif isinstance(module, nn.Conv2d):
             # PyTorch's default conv init, which the official code keeps for the Swin patch projection and the
             # SimMIM head.
@@ -598,11 +813,13 @@ class SimMIMPreTrainedModel(PreTrainedModel):
             if module.lambda_1 is not None:
                 init.constant_(module.lambda_1, self.config.layer_scale_init_value)
                 init.constant_(module.lambda_2, self.config.layer_scale_init_value)
-            # Official ViT: shrink the residual-branch outputs of block l (1-based) by 1/sqrt(2l).
+            # Official ViT: shrink the residual-branch outputs of block l (1-based) by 1/sqrt(2l). The projections did
+            # it already (above); redrawn here too, so that models with LayerScale keep their initial weights.
             if self.config.init_recipe == "simmim":
                 for linear in (module.attention.proj, module.mlp.fc2):
                     self._trunc_normal(linear.weight, std)
                     _scale_unless_loaded(linear.weight, 1.0 / math.sqrt(2.0 * (module.layer_index + 1)))
+        _init_swinv2_module(module, self.config.init_recipe)  # last: it refines the generic branches above
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Entries already present (e.g. "repo--module.Class" references of a model loaded from the Hub) win.
@@ -620,7 +837,7 @@ class SimMIMPreTrainedModel(PreTrainedModel):
         parts = name.split(".")
         if self.config.encoder_type == "vit" and parts[:2] == ["encoder", "layers"]:
             return int(parts[2]) + 1
-        if self.config.encoder_type == "swin" and parts[:2] == ["encoder", "stages"]:
+        if self.config.encoder_type in ("swin", "swinv2") and parts[:2] == ["encoder", "stages"]:
             stage = int(parts[2])
             if parts[3] == "blocks":
                 return sum(self.config.depths[:stage]) + int(parts[4]) + 1
@@ -648,7 +865,7 @@ class SimMIMModel(SimMIMPreTrainedModel):
             self.encoder = SimMIMViTEncoder(config)
         else:
             self.embeddings = SimMIMSwinEmbeddings(config)
-            self.encoder = SimMIMSwinEncoder(config)
+            self.encoder = SimMIMSwinV2Encoder(config) if config.encoder_type == "swinv2" else SimMIMSwinEncoder(config)
         use_fc_norm = config.encoder_type == "vit" and config.use_fc_norm
         self.layernorm = None if use_fc_norm else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pooler = SimMIMPooler(config) if use_fc_norm else None
@@ -697,38 +914,9 @@ class SimMIMModel(SimMIMPreTrainedModel):
                     "`image_size` to interpolate them (see `simmim_hf.transfer`)."
                 )
         else:
-            stride = config.encoder_stride
-            if height % stride or width % stride:
-                raise ValueError(
-                    f"`pixel_values` height and width must be divisible by Swin's patch_size * 2**(stages-1) = "
-                    f"{stride}; got {height}x{width}."
-                )
-            for s in range(len(config.depths)):
-                h, w = grid[0] >> s, grid[1] >> s
-                for side in (h, w):
-                    if side > config.window_size and side % config.window_size:
-                        raise ValueError(
-                            f"`pixel_values`: Swin stage {s} has a {h}x{w} token grid, not divisible by "
-                            f"window_size={config.window_size}; got pixel_values of {height}x{width}."
-                        )
-                if min(h, w) <= config.window_size < max(h, w):
-                    raise ValueError(
-                        f"`pixel_values`: Swin stage {s} has a non-square {h}x{w} token grid smaller than the window "
-                        f"({config.window_size}) on one side only; got pixel_values of {height}x{width}."
-                    )
-                # The blocks of a stage partition it into windows of the size they were built with
-                # (`SimMIMSwinLayer`: min(window_size, the stage's side at config.image_size)), so a stage smaller
-                # than that window, or not a multiple of it, cannot be partitioned.
-                window = min(config.window_size, config.image_size // (p * 2**s))
-                if h % window or w % window:
-                    multiple = math.lcm(*(p * 2**t * min(config.window_size, config.image_size // (p * 2**t))
-                                          for t in range(len(config.depths))))
-                    raise ValueError(
-                        f"`pixel_values`: Swin stage {s} has a {h}x{w} token grid, but its blocks attend in "
-                        f"{window}x{window} windows, "
-                        f"so both sides must be multiples of {window}: height and width must be multiples of "
-                        f"{multiple} pixels for this model; got pixel_values of {height}x{width}."
-                    )
+            problem = config.swin_grid_error(height, width)  # the config's own rule, at this input's size
+            if problem is not None:
+                raise ValueError(f"`pixel_values`: {problem}.")
         if bool_masked_pos is not None:
             if not isinstance(bool_masked_pos, torch.Tensor):
                 raise ValueError(f"`bool_masked_pos` must be a torch.Tensor; got {type(bool_masked_pos).__name__}.")
@@ -797,6 +985,108 @@ def pixel_mask(bool_masked_pos: torch.Tensor, height: int, width: int, patch_siz
     return mask.expand(-1, -1, -1, patch_size, -1, patch_size).reshape(b, 1, height, width).float()
 
 
+def target_mask(bool_masked_pos: torch.Tensor, height: int, width: int, patch_size: int,
+                downsample: int = 1) -> torch.Tensor:
+    """The mask of a target area-averaged over `downsample` x `downsample` squares: (B, 1, H/f, W/f) float,
+    1 where *every* pixel of the square is masked (a target pixel that averages some visible pixels could be
+    partly copied from the input). With f = 1 it is `pixel_mask`."""
+    mask = pixel_mask(bool_masked_pos, height, width, patch_size)
+    if downsample == 1:
+        return mask
+    f = downsample
+    return mask.view(mask.shape[0], 1, height // f, f, width // f, f).amin(dim=(3, 5))
+
+
+def area_average(pixel_values: torch.Tensor, downsample: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H/f, W/f): the mean of each f x f square (the low-resolution prediction target)."""
+    return pixel_values if downsample == 1 else F.avg_pool2d(pixel_values, downsample)
+
+
+def normalize_targets(targets: torch.Tensor, window: int) -> torch.Tensor:
+    """Local per-channel normalisation of the target, as `norm_targets` of the official SwinV2 SimMIM code.
+
+    For each pixel and channel, mean and variance over the `window` x `window` neighbourhood clipped to the image
+    (n valid pixels: fewer at the borders); the variance is made unbiased (x n / (n - 1)) and clamped at 0.
+    Returns (x - mean) / sqrt(var + 1e-6), the shape of `targets` (B, C, H, W).
+    """
+    pad = window // 2
+    mean = F.avg_pool2d(targets, window, stride=1, padding=pad, count_include_pad=False)
+    mean_of_squares = F.avg_pool2d(targets**2, window, stride=1, padding=pad, count_include_pad=False)
+    # Valid pixels per window: the padded average of ones times the window area.
+    count = F.avg_pool2d(torch.ones_like(targets), window, stride=1, padding=pad, count_include_pad=True) * window**2
+    variance = ((mean_of_squares - mean**2) * (count / (count - 1))).clamp(min=0.0)
+    return (targets - mean) / (variance + 1e-6) ** 0.5
+
+
+def _channel_stats(config: SimMIMConfig, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input normalisation, `config.image_mean` / `image_std`, as (1, C, 1, 1) float32 tensors."""
+    shape = (1, len(config.image_mean), 1, 1)
+    return (torch.tensor(config.image_mean, dtype=torch.float32, device=like.device).view(shape),
+            torch.tensor(config.image_std, dtype=torch.float32, device=like.device).view(shape))
+
+
+def color_classes(pixel_values: torch.Tensor, config: SimMIMConfig) -> torch.Tensor:
+    """The colour-classification target: normalised (B, C, H, W) -> int64 bins (B, C, H, W) in [0, K).
+
+    The input is un-normalised with the config's mean/std to 8-bit values (rounded: area-averaged targets are not
+    integers), and value v falls in bin v // (256 / K), K = `config.num_color_bins`.
+    """
+    mean, std = _channel_stats(config, pixel_values)
+    raw = ((pixel_values.float() * std + mean) * 255.0).round().clamp(0.0, 255.0)
+    return torch.div(raw, 256 // config.num_color_bins, rounding_mode="floor").long()
+
+
+def _bins_last(logits: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Colour logits (B, C*K, H, W), channel c*K + k -> (B, H, W, C, K), the bins last and contiguous. The head's
+    output is channels-last in memory (the encoder's feature map is a transposed token sequence), so this is
+    usually a view of the largest tensor of the step, not a copy; softmax over the last dim is the fast kernel."""
+    b, _, h, w = logits.shape
+    return logits.permute(0, 2, 3, 1).reshape(b, h, w, -1, num_bins)
+
+
+def expected_color(logits: torch.Tensor, config: SimMIMConfig) -> torch.Tensor:
+    """Colour logits (B, C*K, H, W) (channel c*K + k) -> the expected colour (B, C, H, W), normalised like the input.
+
+    Each bin stands for its mean 8-bit value, (b + 1/2) * 256/K - 1/2 (bin b itself for K = 256).
+    """
+    k = config.num_color_bins
+    probs = _bins_last(logits, k).float().softmax(dim=-1)  # (B, H, W, C, K)
+    width = 256 // k
+    centers = torch.arange(k, dtype=torch.float32, device=logits.device) * width + (width - 1) / 2
+    colour = torch.matmul(probs, centers).permute(0, 3, 1, 2) / 255.0  # (B, C, H, W)
+    mean, std = _channel_stats(config, logits)
+    return ((colour - mean) / std).to(logits.dtype)
+
+
+def reconstruction_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, loss_type: str = "l1",
+                        smooth_l1_beta: float = 1.0) -> torch.Tensor:
+    """The SimMIM loss over the pixels `mask` counts, averaged over those pixels and the channels:
+
+        loss = sum(error * m) / (sum(m) + 1e-5) / channels
+
+    prediction: (B, C, h, w) values, or for `"color_ce"` (B, C*K, h, w) logits (channel c*K + k); target: (B, C, h, w) values, or
+    int64 colour bins for `"color_ce"`; mask m: (B, 1, h, w), 1 = counted. The error per pixel and channel is
+    |d| (`"l1"`), `smooth_l1_loss(d, beta)` (`"smooth_l1"`), d**2 (`"l2"`) or the cross-entropy of the true bin
+    (`"color_ce"`), d = prediction - target.
+    """
+    channels = target.shape[1]
+    # In float32 even under autocast: a bf16 sum over millions of pixels would lose the loss's precision.
+    prediction = prediction.float()
+    if loss_type == "color_ce":
+        logits = _bins_last(prediction, prediction.shape[1] // channels)  # (B, h, w, C, K)
+        error = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.permute(0, 2, 3, 1).reshape(-1),
+                                reduction="none").view(logits.shape[:-1]).permute(0, 3, 1, 2)  # (B, C, h, w)
+    elif loss_type == "l1":
+        error = F.l1_loss(prediction, target.float(), reduction="none")
+    elif loss_type == "smooth_l1":
+        error = F.smooth_l1_loss(prediction, target.float(), reduction="none", beta=smooth_l1_beta)
+    elif loss_type == "l2":
+        error = F.mse_loss(prediction, target.float(), reduction="none")
+    else:
+        raise ValueError(f"`loss_type` must be one of 'l1', 'smooth_l1', 'l2', 'color_ce'; got {loss_type!r}.")
+    return (error * mask).sum() / (mask.sum() + 1e-5) / channels
+
+
 def masked_l1_loss(pixel_values: torch.Tensor, reconstruction: torch.Tensor, bool_masked_pos: torch.Tensor,
                    patch_size: int) -> torch.Tensor:
     """The official SimMIM loss: mean absolute error over the masked pixels and the channels.
@@ -804,25 +1094,78 @@ def masked_l1_loss(pixel_values: torch.Tensor, reconstruction: torch.Tensor, boo
     bool_masked_pos (B, (H/p)*(W/p)) is upsampled to a pixel mask m (B, 1, H, W);
     loss = sum(|x - x_rec| * m) / (sum(m) + 1e-5) / channels.
     """
-    c, height, width = pixel_values.shape[1:]
+    height, width = pixel_values.shape[2:]
     mask = pixel_mask(bool_masked_pos, height, width, patch_size)
-    # In float32 even under autocast: a bf16 sum over millions of pixels would lose the loss's precision.
-    error = F.l1_loss(reconstruction.float(), pixel_values.float(), reduction="none")
-    return (error * mask).sum() / (mask.sum() + 1e-5) / c
+    return reconstruction_loss(reconstruction, pixel_values, mask, "l1")
+
+
+def build_head(config: SimMIMConfig) -> nn.Sequential:
+    """The prediction head: feature map (B, hidden, H/s, W/s) -> (B, C * K, H/f, W/f), K = `num_color_bins`
+    for `"color_ce"` (logits, channel c * K + k) else 1, f = `config.prediction_downsample`.
+
+    `"linear"` (the paper's): 1x1 conv to (s/f)**2 * C * K channels + PixelShuffle(s/f). `"mlp"`: 1x1 conv to
+    `head_hidden_size`, GELU, then the same. The linear head's keys (`decoder.0.*`) are the official checkpoints'.
+    """
+    upscale = config.encoder_stride // config.prediction_downsample
+    outputs = upscale**2 * config.num_channels * (config.num_color_bins if config.loss_type == "color_ce" else 1)
+    if config.head_type == "linear":
+        return nn.Sequential(nn.Conv2d(config.hidden_size, outputs, kernel_size=1), nn.PixelShuffle(upscale))
+    hidden = config.head_hidden_size if config.head_hidden_size is not None else config.hidden_size
+    return nn.Sequential(
+        nn.Conv2d(config.hidden_size, hidden, kernel_size=1), nn.GELU(),
+        nn.Conv2d(hidden, outputs, kernel_size=1), nn.PixelShuffle(upscale),
+    )
 
 
 class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
-    """SimMIM: the encoder plus a one-layer linear head (1x1 conv + PixelShuffle) that regresses raw pixels."""
+    """SimMIM: the encoder plus a prediction head that regresses (or classifies) the pixels of the masked area.
+
+    The paper's setting is the default: a linear head (1x1 conv + PixelShuffle), raw normalised pixels as the
+    target, L1 over the masked pixels. The config's component options change one piece each (f = the config's
+    `prediction_downsample`, K = `num_color_bins`):
+
+        head_type               "linear" | "mlp"        -> `build_head`
+        target                  pixel_values, area-averaged to (H/f, W/f) when `prediction_resolution` is set,
+                                then locally normalised when `norm_target_patch_size` is set, or colour bins
+                                (int64) for loss_type "color_ce"                             -> `targets`
+        loss mask               masked target pixels (`target_mask`), or all with loss_area "all" -> `loss_mask`
+        loss                    l1 | smooth_l1 | l2 | color_ce (`reconstruction_loss`)
+    """
 
     def __init__(self, config: SimMIMConfig):
         super().__init__(config)
         # The official pretraining ViT draws its init from a normal truncated at +-1 std.
         self.simmim = SimMIMModel(config, truncate_init_at_std=True)
-        self.decoder = nn.Sequential(
-            nn.Conv2d(config.hidden_size, config.encoder_stride**2 * config.num_channels, kernel_size=1),
-            nn.PixelShuffle(config.encoder_stride),
-        )
+        self.decoder = build_head(config)
         self.post_init()
+
+    def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the head learns to predict: (B, C, H/f, W/f), float values or int64 colour bins."""
+        config = self.config
+        targets = area_average(pixel_values, config.prediction_downsample)
+        if config.loss_type == "color_ce":
+            return color_classes(targets, config)
+        if config.norm_target_patch_size is not None:
+            targets = normalize_targets(targets.float(), config.norm_target_patch_size)
+        return targets
+
+    def loss_mask(self, bool_masked_pos: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Which target pixels the loss counts: (B, 1, H/f, W/f) float, 1 = counted."""
+        f = self.config.prediction_downsample
+        if self.config.loss_area == "all":
+            return torch.ones(bool_masked_pos.shape[0], 1, height // f, width // f, device=bool_masked_pos.device)
+        return target_mask(bool_masked_pos, height, width, self.config.patch_size, f)
+
+    def prediction_to_image(self, prediction: torch.Tensor) -> torch.Tensor:
+        """Head output -> `reconstruction` (B, C, H, W), normalised like the input (or, with a locally normalised
+        target, in that target's space): the expected colour for "color_ce", repeated over each f x f square for
+        a low-resolution prediction, so that visualisation works for every option."""
+        if self.config.loss_type == "color_ce":
+            prediction = expected_color(prediction, self.config)
+        f = self.config.prediction_downsample
+        if f > 1:
+            prediction = prediction.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
+        return prediction
 
     @can_return_tuple
     def forward(
@@ -834,9 +1177,9 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         **kwargs,
     ) -> MaskedImageModelingOutput | tuple:
         r"""
-        pixel_values (`(B, C, H, W)`): normalised images; also the regression target.
+        pixel_values (`(B, C, H, W)`): normalised images; also the source of the target (see `targets`).
         bool_masked_pos (`(B, (H/p)*(W/p))`, bool, *optional*): masked patches. Without it nothing is masked
-            and no loss is returned (the reconstruction is still computed).
+            and no loss is returned (the reconstruction is still computed), whatever `loss_area` says.
 
         Returns `MaskedImageModelingOutput(loss, reconstruction (B, C, H, W), hidden_states, attentions)`.
         """
@@ -844,10 +1187,14 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
             pixel_values, bool_masked_pos=bool_masked_pos, output_hidden_states=output_hidden_states,
             output_attentions=output_attentions, return_dict=True,
         )
-        reconstruction = self.decoder(outputs.feature_map)
+        prediction = self.decoder(outputs.feature_map)  # (B, C, H/f, W/f), or (B, C*K, H/f, W/f) colour logits
         loss = None
         if bool_masked_pos is not None:
-            loss = masked_l1_loss(pixel_values, reconstruction, bool_masked_pos, self.config.patch_size)
+            height, width = pixel_values.shape[2:]
+            loss = reconstruction_loss(prediction, self.targets(pixel_values),
+                                       self.loss_mask(bool_masked_pos, height, width), self.config.loss_type,
+                                       self.config.smooth_l1_beta)
+        reconstruction = self.prediction_to_image(prediction)
         return MaskedImageModelingOutput(
             loss=loss, reconstruction=reconstruction, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -907,6 +1254,13 @@ __all__ = [
     "SimMIMModelOutput",
     "SimMIMPooler",
     "SimMIMPreTrainedModel",
+    "area_average",
+    "build_head",
+    "color_classes",
+    "expected_color",
     "masked_l1_loss",
+    "normalize_targets",
     "pixel_mask",
+    "reconstruction_loss",
+    "target_mask",
 ]

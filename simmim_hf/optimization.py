@@ -32,8 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-# Parameters whose name contains one of these never get weight decay (in addition to all 1-D
-# parameters). The model class may extend the list via `_no_weight_decay_keywords`.
+# Parameters whose name contains one of these never get weight decay (in addition to all 1-D parameters): the
+# names every ViT-family model (timm, BEiT, transformers, SimMIM) gives its tokens and position tables. A model class
+# adds its own via `_no_weight_decay_keywords` (SimMIM's SwinV2 does).
 DEFAULT_NO_WEIGHT_DECAY_KEYWORDS = (
     "cls_token",
     "mask_token",

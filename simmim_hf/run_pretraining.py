@@ -51,6 +51,7 @@ from .engine import (
     save_model,
 )
 from .image_processing_simmim import SimMIMImageProcessor
+from .masking import expected_average_masked_distance
 from .optimization import LearningRatePlan, create_optimizer_and_scheduler
 from .training_utils import HubPusher, atomic_write_text, enable_gradient_checkpointing, to_json
 from .visualization import save_reconstruction_grid
@@ -65,9 +66,11 @@ NOT_MODEL_PATTERNS = ["checkpoints/*", "logs/*", "reconstructions/*", "*.log"]
 def build_model_and_processor(args: PretrainingArguments):
     """(model, processor, description of where it came from): continued pretraining of a checkpoint, or a new
     model from --config_name / --preset (+ --config_overrides)."""
+    components = args.component_overrides()
     if args.model_name_or_path:
-        if args.config_overrides:
-            raise ValueError("--config_overrides cannot change a pretrained model's architecture; use "
+        if args.config_overrides or components:
+            given = ", ".join(["--config_overrides"] * bool(args.config_overrides) + [f"--{k}" for k in components])
+            raise ValueError(f"{given} cannot change a pretrained model's architecture or objective; use "
                              "--config_name or --preset to start from scratch.")
         model = SimMIMForMaskedImageModeling.from_pretrained(
             args.model_name_or_path, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
@@ -75,16 +78,26 @@ def build_model_and_processor(args: PretrainingArguments):
             processor = SimMIMImageProcessor.from_pretrained(args.model_name_or_path, cache_dir=args.cache_dir)
         except (OSError, ValueError):
             processor = SimMIMImageProcessor.from_config(model.config)
+        if args.mask_strategy:
+            processor.mask_strategy = args.mask_strategy
         return model, processor, args.model_name_or_path
     if args.config_name:
         config, source = SimMIMConfig.from_pretrained(args.config_name, cache_dir=args.cache_dir), args.config_name
     else:
         source = args.preset or DEFAULT_PRESET
         config = SimMIMConfig.from_preset(source)
+    if components:
+        try:
+            config = config.with_overrides(components)
+        except ValueError as err:
+            raise ValueError(f"The component flags ({', '.join(f'--{k}' for k in components)}): {err}") from None
+        source += " (" + ", ".join(f"{k}={v}" for k, v in components.items()) + ")"
     config = apply_config_overrides(config, args.config_overrides)
     if args.config_overrides:
         source += f" ({args.config_overrides})"
-    return SimMIMForMaskedImageModeling(config), SimMIMImageProcessor.from_config(config), source
+    processor = SimMIMImageProcessor.from_config(
+        config, **({"mask_strategy": args.mask_strategy} if args.mask_strategy else {}))
+    return SimMIMForMaskedImageModeling(config), processor, source
 
 
 def masked_image_modeling_loss(model, batch, state):
@@ -216,6 +229,13 @@ def main(argv=None, callbacks=()) -> int:
             k: v for k, v in public_dict(args).items() if isinstance(v, (int, float, str, bool))})
         atomic_write_text(output_dir / "training_args.json", json.dumps(public_dict(args), indent=2))
     num_params = sum(p.numel() for p in model.parameters())
+    # The paper's explanation of masking: the mean distance from a masked pixel to the nearest visible one.
+    avg_dist = expected_average_masked_distance(config, strategy=processor.mask_strategy)
+    logger.info(f"Masking: {processor.mask_strategy}, {config.mask_patch_size} px units, ratio {config.mask_ratio}: "
+                f"expected AvgDist {avg_dist:.1f} px (the paper finds 10-20 px best); head {config.head_type}, loss "
+                f"{config.loss_type} over {config.loss_area} pixels, prediction resolution "
+                f"{config.prediction_resolution or 'full'}, target normalisation window "
+                f"{config.norm_target_patch_size or 'none'}")
     logger.info(f"SimMIM pretraining of {model_source} ({config.encoder_type}, {num_params:,} parameters, "
                 f"{config.image_size} px, mask {config.mask_patch_size} px x {config.mask_ratio}) on {data_description}: "
                 f"{'streamed' if args.streaming else len(train_rows)} training images, {plan.num_epochs} epochs of "
@@ -260,7 +280,8 @@ def main(argv=None, callbacks=()) -> int:
                    "unreadable_images": state.unreadable_images}
         atomic_write_text(output_dir / "all_results.json", to_json(results))
         write_pretraining_card(output_dir, args, config, model_source, data_description, num_params, plan,
-                               accelerator, state, evaluation.eval_loss, pusher.repo_id if pusher else None)
+                               accelerator, state, evaluation.eval_loss, pusher.repo_id if pusher else None,
+                               mask_strategy=processor.mask_strategy, avg_dist=avg_dist)
         logger.info(f"Saved the model to {output_dir}")
         if pusher is not None:
             push_failed = not pusher.push_and_wait(output_dir, f"SimMIM pretraining: {state.global_step} steps",

@@ -48,6 +48,8 @@ class TransferReport:
     missing: list[str] = field(default_factory=list)  # model tensors the checkpoint does not provide
     unexpected: list[str] = field(default_factory=list)  # checkpoint tensors the model has no place for
     mismatched: list[str] = field(default_factory=list)  # present in both but not mappable: "name: why"
+    # SwinV2: the pretrained windows set on the model to match the checkpoint's (None: nothing changed)
+    pretrained_window_sizes: list[int] | None = None
 
     def summary(self) -> str:
         lines = [
@@ -62,6 +64,9 @@ class TransferReport:
         ):
             if names:
                 lines.append(f"{title}: " + ", ".join(names))
+        if self.pretrained_window_sizes is not None:
+            lines.append(f"SwinV2 pretrained_window_sizes set to {self.pretrained_window_sizes} (the checkpoint's "
+                         "position-bias coordinate normalisation)")
         return "\n".join(lines)
 
 
@@ -227,6 +232,72 @@ def transfer_state_dict(
     return out, report
 
 
+# ---------------------------------------------------------------------------------------------- SwinV2
+# A SwinV2 checkpoint holds no grid-sized tensor: the continuous position bias MLP maps relative coordinates to
+# biases at any window, and the coordinate tables and indices are buffers rebuilt from the config. What must carry
+# over is the normalisation of those coordinates: the pretrained model divided each stage's offsets by its own
+# window (or by its `pretrained_window_sizes`), so a model fine-tuned at another window divides by the same number
+# (official: window 12 at 192 px -> fine-tuning at window 14 with pretrained_window_sizes [12, 12, 12, 6]).
+def swinv2_pretrained_window_sizes(source_config) -> list[int]:
+    """Per stage, the window a SwinV2 checkpoint's position-bias coordinates were normalised by: its own
+    `pretrained_window_sizes` where set, else the window the stage attended in (`stage_window_sizes`). A 1x1 window
+    normalises nothing and maps to 0."""
+    own = list(source_config.pretrained_window_sizes or [0] * len(source_config.depths))
+    windows = [p if p > 0 else w for p, w in zip(own, source_config.stage_window_sizes)]
+    return [w if w > 1 else 0 for w in windows]
+
+
+def align_swinv2_pretrained_windows(model: torch.nn.Module, source_config, report: TransferReport | None = None
+                                    ) -> list[int] | None:
+    """Give a SwinV2 `model` the coordinate normalisation of the checkpoint it is about to load.
+
+    Where the model's stages already normalise as the checkpoint did (same windows, or matching
+    `pretrained_window_sizes`) nothing changes. Otherwise, if the model's `pretrained_window_sizes` is unset (None or
+    all 0), it is set to `swinv2_pretrained_window_sizes(source_config)` in `model.config` and every attention's
+    coordinate table is rebuilt; returns the new list (also in `report.pretrained_window_sizes`). An explicit,
+    different setting is left alone and listed in `report.mismatched`.
+    """
+    config = model.config
+    if config.encoder_type != "swinv2" or getattr(source_config, "encoder_type", None) != "swinv2":
+        return None
+    wanted = swinv2_pretrained_window_sizes(source_config)
+    if len(wanted) != len(config.depths):
+        return None  # a different stage layout; its tensors are reported by `transfer_state_dict`
+    current = swinv2_pretrained_window_sizes(config)
+    if current == wanted:
+        return None
+    if any(config.pretrained_window_sizes or []):
+        if report is not None:
+            report.mismatched.append(
+                f"pretrained_window_sizes: the model normalises position-bias coordinates by {current}, the checkpoint "
+                f"by {wanted}; the model's explicit pretrained_window_sizes={config.pretrained_window_sizes} is kept")
+        return None
+    config.pretrained_window_sizes = wanted
+    prefix = getattr(model, "base_model_prefix", "simmim")
+    encoder = getattr(model, prefix, model).encoder
+    for stage, window in zip(encoder.stages, wanted):
+        for block in stage.blocks:
+            block.attention.set_pretrained_window_size(window)
+    if report is not None:
+        report.pretrained_window_sizes = wanted
+    return wanted
+
+
+def _source_config(pretrained: str, **hub_kwargs):
+    """The SimMIMConfig saved next to a checkpoint (folder or Hub repo), or None where there is none."""
+    from .configuration_simmim import SimMIMConfig
+
+    if os.path.isfile(str(pretrained)):
+        candidate = os.path.join(os.path.dirname(str(pretrained)), "config.json")
+        pretrained = os.path.dirname(str(pretrained)) if os.path.isfile(candidate) else None
+    if pretrained is None:
+        return None
+    try:
+        return SimMIMConfig.from_pretrained(pretrained, **hub_kwargs)
+    except (OSError, ValueError):
+        return None
+
+
 # ---------------------------------------------------------------------------------------------- loading
 def load_checkpoint_state_dict(pretrained_model_name_or_path: str, **hub_kwargs) -> dict[str, torch.Tensor]:
     """Read the safetensors weights of a local `save_pretrained` folder, a `.safetensors` file or a Hub
@@ -269,6 +340,7 @@ def load_pretrained_for_transfer(
     model: torch.nn.Module,
     pretrained: str | dict[str, torch.Tensor],
     strict: bool = False,
+    pretrained_config=None,
     **hub_kwargs,
 ) -> TransferReport:
     """Load `pretrained` (path, Hub id or state dict) into `model`, adapting grid-dependent tensors.
@@ -276,9 +348,21 @@ def load_pretrained_for_transfer(
     With `strict=True` a tensor that could not be mapped, or an encoder tensor the checkpoint lacks, is an
     error. Heads missing from the checkpoint (a fresh classifier) are always allowed, and checkpoint tensors
     the model has no place for (the SimMIM reconstruction head) are reported, not an error.
+
+    SwinV2: the model's position-bias coordinates are normalised as the checkpoint's were (see
+    `align_swinv2_pretrained_windows`), using `pretrained_config` or else the config saved with `pretrained`.
     """
     state_dict = pretrained if isinstance(pretrained, dict) else load_checkpoint_state_dict(pretrained, **hub_kwargs)
     new_state_dict, report = transfer_state_dict(state_dict, model)
+    if getattr(model.config, "encoder_type", None) == "swinv2":
+        if pretrained_config is None and not isinstance(pretrained, dict):
+            pretrained_config = _source_config(pretrained, **hub_kwargs)
+        if pretrained_config is not None:
+            align_swinv2_pretrained_windows(model, pretrained_config, report)
+        else:
+            logger.warning("SwinV2: no config for the checkpoint, so its window is unknown; the model keeps "
+                           "pretrained_window_sizes=%s (pass pretrained_config= to match it).",
+                           model.config.pretrained_window_sizes)
     prefix = getattr(model, "base_model_prefix", "") + "."
     # The mask token is pretraining-only and the pooling layer (a ViT classifier's `fc_norm`) is part of the head.
     missing_encoder = [k for k in report.missing
@@ -292,6 +376,8 @@ def load_pretrained_for_transfer(
 
 __all__ = [
     "TransferReport",
+    "align_swinv2_pretrained_windows",
+    "swinv2_pretrained_window_sizes",
     "load_checkpoint_state_dict",
     "load_pretrained_for_transfer",
     "resize_position_embeddings",

@@ -274,7 +274,7 @@ SWIN = dict(encoder_type="swin", image_size=32, patch_size=2, embed_dim=16, dept
             window_size=4, mask_patch_size=8)
 
 CONFIG_ERRORS = [
-    (dict(image_size=32, patch_size=4, mask_patch_size=8), dict(encoder_type="resnet"), r"`encoder_type` must be one of \('vit', 'swin'\); got encoder_type='resnet'"),
+    (dict(image_size=32, patch_size=4, mask_patch_size=8), dict(encoder_type="resnet"), r"`encoder_type` must be one of \('vit', 'swin', 'swinv2'\); got encoder_type='resnet'"),
     (VIT, dict(patch_size=0), r"`patch_size` must be a positive integer"),
     (VIT, dict(image_size=32.0), r"`image_size` must be a positive integer"),
     (VIT, dict(num_channels=True), r"`num_channels` must be a positive integer"),
@@ -297,9 +297,9 @@ CONFIG_ERRORS = [
     (SWIN, dict(num_heads=[2, 4]), r"`num_heads` must have one entry per stage \(3 stages\)"),
     (SWIN, dict(window_size=0), r"`window_size` must be a positive integer"),
     (SWIN, dict(pooling="cls"), r"`pooling` must be 'mean' for Swin"),
-    (SWIN, dict(image_size=36, mask_patch_size=4), r"`image_size` must be divisible by patch_size \* 2\*\*\(stages-1\) = 8"),
+    (SWIN, dict(image_size=36, mask_patch_size=4), r"`image_size` must fit the stages \(height and width must be divisible by patch_size \* 2\*\*\(stages-1\) = 8"),
     (SWIN, dict(num_heads=[3, 4, 8]), r"`num_heads` must divide the width of stage 0 \(16\)"),
-    (SWIN, dict(image_size=48, window_size=5), r"`window_size` must divide the token grid of every stage; stage 0 is 24x24"),
+    (SWIN, dict(image_size=48, window_size=5), r"`window_size` must fit the stages \(stage 0 has a 24x24 token grid, but its blocks attend in 5x5 windows"),
     (SWIN, dict(encoder_stride=4), r"`encoder_stride` must equal the encoder's total downsampling \(8 .*got encoder_stride=4"),
     (SWIN, dict(hidden_size=100), r"`hidden_size` is derived for Swin as embed_dim \* 2\*\*\(len\(depths\)-1\) = 64; got hidden_size=100"),
 ]
@@ -335,8 +335,8 @@ INPUT_ERRORS = [
     ("vit", (2, 3, 30, 32), None, r"divisible by patch_size=4; got 30x32"),
     ("vit", (2, 3, 64, 64), None, r"sized for 32x32 images; got pixel_values of 64x64"),
     ("swin", (2, 3, 36, 32), None, r"divisible by patch_size=2; got 36x32|patch_size \* 2\*\*\(stages-1\) = 8; got 36x32"),
-    ("swin", (2, 3, 40, 40), None, r"Swin stage 1 has a 10x10 token grid, not divisible by window_size=4"),
-    ("swin", (2, 3, 64, 16), None, r"Swin stage 1 has a non-square 16x4 token grid smaller than the window"),
+    ("swin", (2, 3, 40, 40), None, r"stage 1 has a 10x10 token grid, but its blocks attend in 4x4 windows"),
+    ("swin", (2, 3, 64, 16), None, r"stage 1 has a non-square 16x4 token grid smaller than the window"),
     ("vit", (2, 3, 32, 32), (2, 63), r"`bool_masked_pos` must have shape \(batch, \(H/p\)\*\(W/p\)\) = \(2, 64\).*got \(2, 63\)"),
     ("swin", (2, 3, 32, 32), (2, 16, 16), r"= \(2, 256\).*got \(2, 16, 16\)"),
     ("vit", (2, 3, 32, 32), "float", r"`bool_masked_pos` must be boolean \(or 0/1 integers\); got torch.float32"),

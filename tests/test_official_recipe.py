@@ -180,3 +180,19 @@ def test_transformers_init_recipe_matches_transformers_vit_init():
     assert SimMIMConfig.from_preset("vit-base-p16-224-plain").init_recipe == "transformers"
     with pytest.raises(ValueError, match="init_recipe"):
         vit_config(init_recipe="timm")
+
+
+@pytest.mark.parametrize("layer_scale", [0.1, 0.0])
+def test_residual_rescale_holds_with_and_without_layer_scale(layer_scale):
+    """Block l's attention and MLP output projections are drawn 1/sqrt(2l) smaller, also without LayerScale (where
+    the block owns no parameters itself and transformers never calls the initialiser on it)."""
+    torch.manual_seed(0)
+    config = SimMIMConfig.from_preset("vit-micro-p8-64", layer_scale_init_value=layer_scale, hidden_size=256,
+                                      num_attention_heads=4)
+    encoder = SimMIMForMaskedImageModeling(config).simmim.encoder
+    for depth, layer in enumerate(encoder.layers, start=1):
+        for linear in (layer.attention.proj, layer.mlp.fc2):
+            # +-1 std truncation of N(0, 0.02) leaves std 0.538 x 0.02, then the rescale.
+            expected = 0.02 * 0.538 / math.sqrt(2 * depth)
+            assert linear.weight.std().item() == pytest.approx(expected, rel=0.05), (depth, linear)
+        assert layer.attention.qkv.weight.std().item() == pytest.approx(0.02 * 0.538, rel=0.05)  # not rescaled

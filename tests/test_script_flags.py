@@ -186,3 +186,27 @@ def test_derived_fields_are_computed_not_stored(tmp_path):
     assert "hidden_size" in SimMIMConfig.from_preset("vit-nano-p4-32").to_dict()  # a real field for ViT
     with pytest.raises(ValueError, match="hidden_size"):
         SimMIMConfig(**{**saved, "hidden_size": 64})
+
+
+def test_component_flags_set_the_objective_and_are_refused_on_a_pretrained_model(pretraining, tmp_path):
+    from simmim_hf import SimMIMForMaskedImageModeling
+
+    args = pretraining.parse_args(["--preset", "vit-nano-p4-32", "--output_dir", str(tmp_path), "--head_type", "mlp",
+                                   "--loss_type", "smooth_l1", "--smooth_l1_beta", "0.5", "--loss_area", "all",
+                                   "--mask_ratio", "0.4", "--mask_strategy", "block", "--norm_target_patch_size", "5"])
+    model, processor, source = pretraining.build_model_and_processor(args)
+    config = model.config
+    assert (config.head_type, config.loss_type, config.smooth_l1_beta, config.loss_area, config.mask_ratio,
+            config.norm_target_patch_size) == ("mlp", "smooth_l1", 0.5, "all", 0.4, 5)
+    assert processor.mask_strategy == "block" and processor.mask_ratio == 0.4 and "head_type=mlp" in source
+    with pytest.raises(SystemExit):
+        pretraining.parse_args(["--output_dir", str(tmp_path), "--loss_type", "l3"])
+    bad = pretraining.parse_args(["--preset", "vit-nano-p4-32", "--output_dir", str(tmp_path),
+                                  "--norm_target_patch_size", "4"])
+    with pytest.raises(ValueError, match="--norm_target_patch_size.*norm_target_patch_size"):
+        pretraining.build_model_and_processor(bad)
+    SimMIMForMaskedImageModeling(config).save_pretrained(tmp_path / "m")
+    again = pretraining.parse_args(["--model_name_or_path", str(tmp_path / "m"), "--output_dir", str(tmp_path / "o"),
+                                    "--loss_type", "l2"])
+    with pytest.raises(ValueError, match="--loss_type cannot change a pretrained model"):
+        pretraining.build_model_and_processor(again)
