@@ -7,6 +7,8 @@ Pairs compared (same architecture, same parameter count, same attention backend,
   ``vit-base-p16-224-plain`` (absolute positions, full qkv bias, no LayerScale).
 * ``swin``: transformers `SwinForMaskedImageModeling` (Swin-T at 192, window 6) vs simmim_hf preset
   ``swin-tiny-w6-192``.
+* ``swinv2``: transformers `Swinv2ForMaskedImageModeling` (SwinV2-T at 192, window 6; transformers' Swinv2 has
+  eager attention only) vs simmim_hf ``encoder_type="swinv2"`` with the same sizes (cosine attention through SDPA).
 * ``paper``: simmim_hf ``vit-base-p16-224`` (the paper's ViT-B: shared relative position bias, LayerScale, q/v bias)
   vs the plain ViT-B above, i.e. the cost of the paper's architecture choices.
 
@@ -49,7 +51,14 @@ from pathlib import Path
 
 import torch
 
-from transformers import SwinConfig, SwinForMaskedImageModeling, ViTConfig, ViTForMaskedImageModeling  # noqa: E402
+from transformers import (
+    SwinConfig,
+    SwinForMaskedImageModeling,
+    Swinv2Config,
+    Swinv2ForMaskedImageModeling,
+    ViTConfig,
+    ViTForMaskedImageModeling,
+)
 
 from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling  # noqa: E402
 
@@ -59,15 +68,19 @@ MODELS = {
     "simmim-vit-plain": "simmim_hf vit-base-p16-224-plain",
     "transformers-swin": "transformers SwinForMaskedImageModeling, Swin-T w6 @192",
     "simmim-swin": "simmim_hf swin-tiny-w6-192",
+    "transformers-swinv2": "transformers Swinv2ForMaskedImageModeling, SwinV2-T w6 @192",
+    "simmim-swinv2": "simmim_hf swinv2, SwinV2-T w6 @192",
     "simmim-vit-paper": "simmim_hf vit-base-p16-224 (shared rel. bias + LayerScale)",
 }
 # (reference, candidate): the ratio reported is candidate images/s / reference images/s.
 PAIRS = {
     "vit": ("transformers-vit", "simmim-vit-plain"),
     "swin": ("transformers-swin", "simmim-swin"),
+    "swinv2": ("transformers-swinv2", "simmim-swinv2"),
     "paper": ("simmim-vit-plain", "simmim-vit-paper"),
 }
-TARGETS = {"vit": 1.0, "swin": 1.2}
+TARGETS = {"vit": 1.0, "swin": 1.2, "swinv2": 1.0}
+SWIN_T = dict(image_size=192, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=6)
 
 
 def build_model(name: str) -> torch.nn.Module:
@@ -79,6 +92,12 @@ def build_model(name: str) -> torch.nn.Module:
         config = SwinConfig(image_size=192, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
                             window_size=6, encoder_stride=32, drop_path_rate=0.0, attn_implementation="sdpa")
         return SwinForMaskedImageModeling(config)
+    if name == "transformers-swinv2":
+        return Swinv2ForMaskedImageModeling(Swinv2Config(**SWIN_T, encoder_stride=32, drop_path_rate=0.0))
+    if name == "simmim-swinv2":
+        config = SimMIMConfig(encoder_type="swinv2", **SWIN_T, mask_patch_size=32, drop_path_rate=0.0,
+                              attn_implementation="sdpa")
+        return SimMIMForMaskedImageModeling(config)
     preset = {"simmim-vit-plain": "vit-base-p16-224-plain", "simmim-swin": "swin-tiny-w6-192",
               "simmim-vit-paper": "vit-base-p16-224"}[name]
     config = SimMIMConfig.from_preset(preset, drop_path_rate=0.0, attn_implementation="sdpa")
