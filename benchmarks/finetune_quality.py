@@ -217,6 +217,16 @@ def frozen_feature_scores(model, config, train, test) -> dict:
     return {"knn": knn["accuracy"], "linear_probe": probe["accuracy"]}
 
 
+def finetune_arguments(model_dir, train_dir, test_dir, output_dir, args, seed: int) -> list[str]:
+    """The fine-tuning job's arguments of this protocol: its defaults (the official recipe) at this data size,
+    evaluated once, after the last epoch."""
+    return ["--model_name_or_path", str(model_dir), "--train_dir", str(train_dir), "--validation_dir", str(test_dir),
+            "--output_dir", str(output_dir), "--overwrite_output_dir", "--num_train_epochs", str(args.epochs),
+            "--warmup_epochs", str(max(1, args.epochs // 10)), "--per_device_train_batch_size", str(args.batch_size),
+            "--learning_rate", str(args.learning_rate), "--seed", str(seed), "--eval_every_epochs", str(args.epochs),
+            "--logging_steps", "100000", "--checkpoints_total_limit", "1", "--report_to", "none"]
+
+
 def load_finetune_script():
     """The fine-tuning job, run in-process (one Accelerate state per run)."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
@@ -297,12 +307,8 @@ def main(argv=None):
                 row = results["runs"].setdefault(name, {"finetune": [], "knn": [], "linear_probe": []})
                 scores = frozen_feature_scores(encoder, encoder.config, train, test)
                 final, _ = run_finetune.run([
-                    "--model_name_or_path", str(folder), "--train_dir", str(train_dir),
-                    "--validation_dir", str(out / "data" / "test"), "--output_dir", str(out / "ft" / f"{name}-{seed}"),
-                    "--num_train_epochs", str(args.epochs), "--warmup_epochs", str(max(1, args.epochs // 10)),
-                    "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
-                    "--seed", str(seed), "--eval_every_epochs", str(args.epochs), "--logging_steps", "100000",
-                    "--checkpoints_total_limit", "1", *args.finetune_args.split()])
+                    *finetune_arguments(folder, train_dir, out / "data" / "test", out / "ft" / f"{name}-{seed}",
+                                        args, seed), *args.finetune_args.split()])
                 row["finetune"].append(final["last"]["accuracy"])
                 row["knn"].append(scores["knn"])
                 row["linear_probe"].append(scores["linear_probe"])

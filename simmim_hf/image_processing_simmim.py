@@ -182,7 +182,8 @@ class SimMIMImageProcessor(PilBackend):
     @classmethod
     def from_config(cls, config, **kwargs) -> "SimMIMImageProcessor":
         """Build the processor matching a `SimMIMConfig`: `size` from `image_size`, `patch_size`,
-        `mask_patch_size` and `mask_ratio` from the config; `kwargs` override any argument."""
+        `mask_patch_size`, `mask_ratio` and (when set) `image_mean` / `image_std` from the config; `kwargs` override
+        any argument."""
         if getattr(config, "num_channels", 3) != 3:
             raise ValueError(
                 f"SimMIMImageProcessor produces RGB images; got config.num_channels={config.num_channels}."
@@ -193,6 +194,10 @@ class SimMIMImageProcessor(PilBackend):
             mask_patch_size=config.mask_patch_size,
             mask_ratio=config.mask_ratio,
         )
+        # The normalisation the model was configured with (its colour-classification loss un-normalises with it).
+        for name in ("image_mean", "image_std"):
+            if getattr(config, name, None) is not None:
+                settings[name] = tuple(getattr(config, name))
         settings.update(kwargs)
         return cls(**settings)
 

@@ -303,8 +303,9 @@ def average_masked_distance(bool_masked_pos: torch.Tensor, patch_size: int, heig
     for name, bad in (("every pixel is masked (no visible pixel to measure to)", all_masked),
                       ("no pixel is masked (nothing to average over)", none_masked)):
         if bad.any():
-            raise ValueError(f"AvgDist is undefined for image(s) {bad.nonzero().flatten().tolist()} of "
-                             f"`bool_masked_pos`: {name}.")
+            images = bad.nonzero().flatten().tolist()
+            listed = f"{images[:8]}" + (f" and {len(images) - 8} more" if len(images) > 8 else "")
+            raise ValueError(f"AvgDist is undefined for image(s) {listed} of `bool_masked_pos`: {name}.")
 
     def interval_distance(size: int, cells: int) -> torch.Tensor:
         """(size, cells): distance from pixel i to the nearest pixel of patch interval [c*p, c*p + p - 1]."""
@@ -339,6 +340,10 @@ def expected_average_masked_distance(config, num_samples: int = 256, seed: int =
     strategy = strategy if strategy is not None else getattr(config, "mask_strategy", "random")
     generator = SimMIMMaskGenerator(config.image_size, config.patch_size, config.mask_patch_size, config.mask_ratio,
                                     strategy)
+    if generator.num_masked == generator.num_units:
+        raise ValueError(f"`mask_ratio` masks every unit (ceil({generator.num_units} * {config.mask_ratio}) = "
+                         f"{generator.num_masked} of {generator.num_units}), so AvgDist is undefined; got "
+                         f"mask_ratio={config.mask_ratio!r}.")
     height, width = generator.input_size
     masks = generator(int(num_samples), generator=torch.Generator().manual_seed(seed))
     return float(average_masked_distance(masks, config.patch_size, height, width).mean())

@@ -1064,8 +1064,8 @@ def reconstruction_loss(prediction: torch.Tensor, target: torch.Tensor, mask: to
 
         loss = sum(error * m) / (sum(m) + 1e-5) / channels
 
-    prediction: (B, C, h, w) values, or for `"color_ce"` (B, C*K, h, w) logits (channel c*K + k); target: (B, C, h, w) values, or
-    int64 colour bins for `"color_ce"`; mask m: (B, 1, h, w), 1 = counted. The error per pixel and channel is
+    prediction: (B, C, h, w) values, or for `"color_ce"` (B, C*K, h, w) logits (channel c*K + k); target: (B, C, h, w)
+    values, or int64 colour bins for `"color_ce"`; mask m: (B, 1, h, w), 1 = counted. The error per pixel and channel is
     |d| (`"l1"`), `smooth_l1_loss(d, beta)` (`"smooth_l1"`), d**2 (`"l2"`) or the cross-entropy of the true bin
     (`"color_ce"`), d = prediction - target.
     """

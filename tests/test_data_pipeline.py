@@ -104,3 +104,11 @@ def test_collator_uses_reduced_decoding_and_stays_per_sample_deterministic(proce
     c = slow(rows)
     assert torch.equal(a["bool_masked_pos"], c["bool_masked_pos"])  # masks do not depend on the decode
     assert 0 < (a["pixel_values"].float() - c["pixel_values"].float()).abs().mean() < 12  # crops of the same area
+
+
+def test_processor_from_config_takes_the_configs_normalisation():
+    config = SimMIMConfig.from_preset("vit-nano-p4-32", image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
+    processor = SimMIMImageProcessor.from_config(config)
+    assert list(processor.image_mean) == [0.5] * 3 and list(processor.image_std) == [0.25] * 3
+    default = SimMIMImageProcessor.from_config(SimMIMConfig.from_preset("vit-nano-p4-32"))
+    assert list(default.image_mean) == pytest.approx([0.485, 0.456, 0.406])
