@@ -1,0 +1,110 @@
+"""The training loop (`simmim_hf.engine.TrainingLoop`) on a toy regression, driven directly: step counting with
+gradient accumulation, epoch hooks, non-finite steps skipped without touching the weights, and an exact resume
+after a SIGTERM in the middle of an epoch."""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+from jobs import Recorder, reset_accelerate
+from torch.utils.data import Dataset
+
+from simmim_hf.data import EpochShuffleSampler, create_dataloader
+from simmim_hf.engine import TrainingLoop
+from simmim_hf.optimization import LearningRatePlan, create_optimizer_and_scheduler
+from simmim_hf.training_utils import CheckpointManager
+
+
+class Points(Dataset):
+    """y = x @ w_true for 24 fixed points; items are (epoch, index) pairs from `EpochShuffleSampler`."""
+
+    def __init__(self):
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(24, 4, generator=generator)
+        self.y = self.x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, item):
+        _, index = item
+        return {"pixel_values": self.x[index], "target": self.y[index]}
+
+
+def squared_error(model, batch, state):
+    return torch.nn.functional.mse_loss(model(batch["pixel_values"]), batch["target"])
+
+
+def train(tmp_path, *, accumulation=1, steps=12, callbacks=(), compute_loss=squared_error, resume=False):
+    from accelerate import Accelerator
+
+    reset_accelerate()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation, step_scheduler_with_optimizer=False)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    args = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
+                           base_learning_rate=0.05 * 512 / 4, learning_rate=None, warmup_lr=0.0, min_lr=0.0,
+                           warmup_steps=1, warmup_epochs=0, max_train_steps=steps, num_train_epochs=1,
+                           lr_milestones=None, lr_scheduler_type="cosine", lr_gamma=0.1, weight_decay=0.0,
+                           adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
+    dataset = Points()
+    loader = create_dataloader(dataset, 4, None, sampler=EpochShuffleSampler(len(dataset), seed=3), drop_last=True)
+    loader.collate_fn = torch.utils.data.default_collate
+    plan = LearningRatePlan.from_args(args, accelerator.num_processes, len(loader))
+    optimizer, scheduler = create_optimizer_and_scheduler(model, args, plan, fused=True)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    checkpoints = CheckpointManager(accelerator, tmp_path, total_limit=3)
+    loop = TrainingLoop(accelerator, model, optimizer, scheduler, loader, compute_loss, plan, checkpoints,
+                        logging_steps=2, max_consecutive_nonfinite=3, callbacks=callbacks)
+    state = loop.resume(checkpoints.resolve("latest")) if resume else None
+    return loop.run(state), accelerator.unwrap_model(model)
+
+
+def test_steps_epochs_and_logging_with_gradient_accumulation(tmp_path):
+    recorder = Recorder()
+    state, model = train(tmp_path, accumulation=2, steps=7, callbacks=[recorder])
+    # 6 batches per epoch, 2 per optimizer step: 3 steps an epoch; 7 steps end inside the third epoch.
+    assert state.global_step == 7 and recorder.steps == list(range(1, 8))
+    assert recorder.epoch_ends == [(0, 3), (1, 6), (2, 7)]
+    assert [entry["step"] for entry in recorder.logs] == [2, 4, 6, 7]
+    assert recorder.logs[-1]["train/loss"] < recorder.logs[0]["train/loss"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")) == ["checkpoint-7"]
+
+
+def test_a_non_finite_step_is_skipped_without_touching_the_weights(tmp_path):
+    snapshots = {}
+
+    def poisoned(model, batch, state):
+        snapshots[state.global_step] = model.weight.detach().clone()
+        loss = squared_error(model, batch, state)
+        return loss * float("nan") if state.global_step == 4 else loss
+
+    state, _ = train(tmp_path, steps=6, compute_loss=poisoned)
+    # Snapshots are taken before each step's forward: step 5 (global_step 4 at its forward) was skipped.
+    assert torch.equal(snapshots[4], snapshots[5])
+    assert not torch.equal(snapshots[3], snapshots[4])  # the step before it did update
+    assert state.skipped_steps == 1 and not state.stopped_early
+
+
+def test_sigterm_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
+    _, full = train(tmp_path / "full", steps=12)
+    stopper = Recorder(at_step={5: lambda: os.kill(os.getpid(), signal.SIGTERM)})
+    state, _ = train(tmp_path / "cut", steps=12, callbacks=[stopper])
+    assert state.preempted and state.global_step == 5 and stopper.steps == [1, 2, 3, 4, 5]
+    assert (state.epoch, state.batches_in_epoch) == (0, 5)  # in the middle of the first epoch of 6 batches
+    resumer = Recorder()
+    state, resumed = train(tmp_path / "cut", steps=12, callbacks=[resumer], resume=True)
+    assert resumer.steps == list(range(6, 13)) and state.global_step == 12
+    assert torch.equal(full.weight, resumed.weight) and torch.equal(full.bias, resumed.bias)
+
+
+def test_plan_refuses_an_epoch_without_a_step():
+    args = SimpleNamespace(per_device_train_batch_size=64, gradient_accumulation_steps=1, base_learning_rate=1e-4,
+                           learning_rate=None, warmup_lr=0, min_lr=0, warmup_steps=None, warmup_epochs=1,
+                           max_train_steps=None, num_train_epochs=1, lr_milestones=None)
+    with pytest.raises(ValueError, match="smaller than one batch"):
+        LearningRatePlan.from_args(args, 1, 0)
