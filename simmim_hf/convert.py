@@ -786,15 +786,20 @@ def _convert_transformers_vit(model, origin: str) -> tuple[dict, dict]:
     return kwargs, _finish(sd, out, origin)
 
 
+def _require_one_layer_norm_eps(config, origin: str, family: str) -> None:
+    # transformers' Swin and Swinv2 hard-code eps=1e-5 for the patch-embedding norm but use config.layer_norm_eps
+    # elsewhere; simmim_hf uses one epsilon throughout.
+    if config.layer_norm_eps != 1e-5:
+        raise ValueError(
+            f"{origin}: {family}Config.layer_norm_eps={config.layer_norm_eps}, but transformers' {family} always uses "
+            "1e-5 in its patch-embedding norm; simmim_hf uses one epsilon, so only layer_norm_eps=1e-5 converts "
+            "exactly."
+        )
+
+
 def _convert_transformers_swin(model, origin: str) -> tuple[dict, dict]:
     c = model.config
-    if c.layer_norm_eps != 1e-5:
-        # transformers' Swin hard-codes eps=1e-5 for the patch-embedding norm but uses config.layer_norm_eps
-        # elsewhere; simmim_hf uses one epsilon throughout.
-        raise ValueError(
-            f"{origin}: SwinConfig.layer_norm_eps={c.layer_norm_eps}, but transformers' Swin always uses 1e-5 in "
-            "its patch-embedding norm; simmim_hf uses one epsilon, so only layer_norm_eps=1e-5 converts exactly."
-        )
+    _require_one_layer_norm_eps(c, origin, "Swin")
     depths = list(c.depths)
     kwargs = dict(
         encoder_type="swin", embed_dim=c.embed_dim, depths=depths, num_heads=list(c.num_heads),
@@ -943,11 +948,7 @@ def _convert_transformers_swinv2(model, origin: str) -> tuple[dict, dict]:
     from transformers import Swinv2Model
 
     c = model.config
-    if c.layer_norm_eps != 1e-5:
-        raise ValueError(
-            f"{origin}: Swinv2Config.layer_norm_eps={c.layer_norm_eps}, but transformers' Swinv2 always uses 1e-5 in "
-            "its patch-embedding norm; simmim_hf uses one epsilon, so only layer_norm_eps=1e-5 converts exactly."
-        )
+    _require_one_layer_norm_eps(c, origin, "Swinv2")
     if c.use_absolute_embeddings:
         raise ValueError(
             f"{origin}: use_absolute_embeddings=True. transformers' Swinv2 sizes these embeddings for one token more "

@@ -71,6 +71,27 @@ def create_accelerator(args, output_dir: str | os.PathLike, **kwargs):
     return accelerator
 
 
+def start_run(args):
+    """What both jobs do first, in this order: the Accelerator; the Hub repo, created before anything is written
+    (a deterministic failure, e.g. offline mode, no or a read-only token or a bad --hub_model_id, stops the run
+    here rather than after hours of training; transient ones are retried in the background); the output folder and
+    the checkpoint to resume; the seed. Returns (accelerator, pusher or None, checkpoint manager, resume path)."""
+    from accelerate.utils import set_seed
+
+    from .training_utils import HubPusher
+
+    output_dir = Path(args.output_dir)
+    accelerator = create_accelerator(args, output_dir)
+    logger.info(accelerator.state)
+    pusher = None
+    if args.push_to_hub and accelerator.is_main_process:
+        pusher = HubPusher.for_training_run(args.hub_model_id or output_dir.resolve().name,
+                                            private=args.hub_private_repo or None)
+    checkpoints, resume_path = prepare_output_dir(accelerator, args)
+    set_seed(args.seed)
+    return accelerator, pusher, checkpoints, resume_path
+
+
 def prepare_output_dir(accelerator, args) -> tuple[CheckpointManager, Path | None]:
     """Check `--output_dir` against `--overwrite_output_dir` / `--resume_from_checkpoint` and return the checkpoint
     manager and the checkpoint to resume (or None).
@@ -376,4 +397,4 @@ def save_model(accelerator, model, folder: str | os.PathLike, processor=None) ->
 
 
 __all__ = ["LoopCallback", "TrainState", "TrainingLoop", "create_accelerator", "default_num_workers",
-           "prepare_output_dir", "save_model"]
+           "prepare_output_dir", "save_model", "start_run"]

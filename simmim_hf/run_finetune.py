@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import DistributedType
-from accelerate.utils import set_seed
 from transformers import AutoConfig
 from transformers.image_utils import PILImageResampling
 
@@ -44,11 +43,11 @@ from .arguments import FinetuningArguments, apply_config_overrides, parse_args, 
 from .augmentation import FinetuneAugmentation, mix_batch
 from .cards import write_finetuning_card
 from .data import EpochShuffleSampler, ImageRows, SimMIMCollator, create_dataloader, load_classification_data
-from .engine import LoopCallback, TrainingLoop, create_accelerator, default_num_workers, prepare_output_dir, save_model
+from .engine import LoopCallback, TrainingLoop, default_num_workers, save_model, start_run
 from .evaluation import LinearProbe, evaluate_classifier
 from .image_processing_simmim import SimMIMImageProcessor
 from .optimization import LearningRatePlan, create_optimizer_and_scheduler
-from .training_utils import HubPusher, atomic_write_text, enable_gradient_checkpointing, to_json
+from .training_utils import atomic_write_text, enable_gradient_checkpointing, to_json
 from .transfer import load_pretrained_for_transfer
 
 logger = logging.getLogger(__name__)
@@ -159,15 +158,7 @@ def run(argv=None, callbacks=()) -> tuple[dict, torch.nn.Module]:
     """Train and evaluate; returns (results, the unwrapped model). `main` is the command-line entry point."""
     args = parse_args(FinetuningArguments, argv, description=__doc__.split("\n\n")[0])
     output_dir = Path(args.output_dir)
-    accelerator = create_accelerator(args, output_dir)
-    # The Hub repo is created first: a deterministic failure (offline, no or read-only token, bad --hub_model_id)
-    # stops here instead of after training. The best model is pushed at the end.
-    pusher = None
-    if args.push_to_hub and accelerator.is_main_process:
-        pusher = HubPusher.for_training_run(args.hub_model_id or output_dir.resolve().name,
-                                            private=args.hub_private_repo or None)
-    checkpoints, resume_path = prepare_output_dir(accelerator, args)
-    set_seed(args.seed)
+    accelerator, pusher, checkpoints, resume_path = start_run(args)  # the Hub repo first: a bad one stops the run here
 
     # ---------------------------------------------------------------------------------------- data + model
     base_config = load_base_config(args)  # its image size is needed first: the digits are upsampled to it

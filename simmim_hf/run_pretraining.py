@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from accelerate import DistributedType
-from accelerate.utils import set_seed
 
 from . import SimMIMConfig, SimMIMForMaskedImageModeling
 from .arguments import PretrainingArguments, apply_config_overrides, parse_args, public_dict
@@ -42,18 +41,11 @@ from .data import (
     create_dataloader,
     load_pretraining_data,
 )
-from .engine import (
-    LoopCallback,
-    TrainingLoop,
-    create_accelerator,
-    default_num_workers,
-    prepare_output_dir,
-    save_model,
-)
+from .engine import LoopCallback, TrainingLoop, default_num_workers, save_model, start_run
 from .image_processing_simmim import SimMIMImageProcessor
 from .masking import expected_average_masked_distance
 from .optimization import LearningRatePlan, create_optimizer_and_scheduler
-from .training_utils import HubPusher, atomic_write_text, enable_gradient_checkpointing, to_json
+from .training_utils import atomic_write_text, enable_gradient_checkpointing, to_json
 from .visualization import save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
@@ -151,16 +143,7 @@ class EvaluateAndVisualize(LoopCallback):
 def main(argv=None, callbacks=()) -> int:
     args = parse_args(PretrainingArguments, argv, description=__doc__.split("\n\n")[0])
     output_dir = Path(args.output_dir)
-    accelerator = create_accelerator(args, output_dir)
-    logger.info(accelerator.state)
-    # The Hub repo is created first: a deterministic failure (offline, no or read-only token, bad --hub_model_id)
-    # stops here, not after hours of training. Transient failures are retried in the background.
-    pusher = None
-    if args.push_to_hub and accelerator.is_main_process:
-        pusher = HubPusher.for_training_run(args.hub_model_id or output_dir.resolve().name,
-                                            private=args.hub_private_repo or None)
-    checkpoints, resume_path = prepare_output_dir(accelerator, args)
-    set_seed(args.seed)
+    accelerator, pusher, checkpoints, resume_path = start_run(args)
 
     # ---------------------------------------------------------------------------------------- model + data
     model, processor, model_source = build_model_and_processor(args)

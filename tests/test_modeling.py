@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedImageModeling
 
 from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMModel, masked_l1_loss
 
-PRESETS = {"vit": "vit-nano-p4-32", "swin": "swin-nano-w4-32"}
+PRESETS = {"vit": "vit-nano-p4-32", "swin": "swin-nano-w4-32", "swinv2": "swinv2-nano-w4-32"}
 AUTO_CLASSES = {"AutoConfig", "AutoModel", "AutoModelForMaskedImageModeling", "AutoModelForImageClassification"}
 
 
@@ -152,7 +152,7 @@ def test_cpu_training_with_a_learned_bias_takes_the_eager_path_with_sdpa_gradien
         torch.testing.assert_close(gradient, sdpa_gradients[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-@kinds
+@pytest.mark.parametrize("kind", ["vit", "swin", "swinv2"])
 def test_gradient_checkpointing_gives_the_same_gradients(kind):
     pixel_values, bool_masked_pos = make_inputs(make_model(kind).config)
 
