@@ -125,6 +125,9 @@ class OptimizationArguments(_Validated):
     seed: int = _arg(42, "Seed of the initialisation, shuffling and every random transform.")
     mixed_precision: str | None = _arg(help="Mixed precision (default: the accelerate config's).", choices=["no", "fp16", "bf16"])
     cpu: bool = _arg(False, "Train on the CPU even when an accelerator is present.")
+    torch_compile: bool = _arg(False, "Compile the model with torch.compile (through Accelerate's dynamo plugin).")
+    torch_compile_backend: str = _arg("inductor", "torch.compile backend with --torch_compile.",
+                                      choices=["inductor", "aot_eager", "eager", "cudagraphs"])
 
     def __post_init__(self) -> None:
         super().__post_init__()

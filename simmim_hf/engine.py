@@ -55,6 +55,8 @@ def create_accelerator(args, output_dir: str | os.PathLike, **kwargs):
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
         # The schedule counts optimizer updates; by default Accelerate would step it once per process.
         step_scheduler_with_optimizer=False,
+        # `prepare` compiles the model; saving and unwrapping see the original module.
+        dynamo_backend=args.torch_compile_backend.upper() if getattr(args, "torch_compile", False) else None,
         **kwargs,
     )
     if on_cpu:
@@ -376,8 +378,9 @@ def default_num_workers(accelerator) -> int:
 def save_model(accelerator, model, folder: str | os.PathLike, processor=None) -> None:
     """`save_pretrained` of the unwrapped model (and `processor`) into `folder` (collective: under FSDP the state
     dict gathers the shards on every rank; only the main process writes)."""
-    state_dict = accelerator.get_state_dict(model)
-    unwrapped = accelerator.unwrap_model(model)
+    # Under --torch_compile the state dict comes from the compiled wrapper: its keys carry `_orig_mod.`.
+    state_dict = {key.removeprefix("_orig_mod."): value for key, value in accelerator.get_state_dict(model).items()}
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
         Path(folder).mkdir(parents=True, exist_ok=True)
     # FSDP2's `fully_shard` changes the class in place (FSDP<Model>, defined in torch's _fsdp_init.py), and

@@ -123,7 +123,7 @@ class EvaluateAndSave(LoopCallback):
 
     def _save(self, loop, folder: Path, results: dict) -> None:
         accelerator, model = loop.accelerator, loop.model
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         if isinstance(unwrapped, LinearProbe):  # the encoder is the unchanged pretrained one: the head only
             if accelerator.is_main_process:
                 unwrapped.save_head(folder, self.args.model_name_or_path)
@@ -252,7 +252,7 @@ def run(argv=None, callbacks=()) -> tuple[dict, torch.nn.Module]:
                 output_dir / "best", f"Fine-tuned: best eval accuracy {best['accuracy']:.4f}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return results, accelerator.unwrap_model(model)
+    return results, accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def main(argv=None) -> int:

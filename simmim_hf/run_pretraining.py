@@ -118,7 +118,7 @@ def write_reconstructions(model, batch, processor, accelerator, path: Path) -> N
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_reconstruction_grid(path, batch["pixel_values"], out.reconstruction.float(), batch["bool_masked_pos"],
-                                 accelerator.unwrap_model(model).config.patch_size,
+                                 accelerator.unwrap_model(model, keep_torch_compile=False).config.patch_size,
                                  image_mean=processor.image_mean, image_std=processor.image_std)
 
 

@@ -461,3 +461,17 @@ def test_reconstruction_grid_columns():
     assert px[0, 0] == px[0, 10]  # original unaffected by the mask
     assert px[32, 0] == (127, 127, 127) and px[32, 10] == px[0, 10]  # masked input: gray only where masked
     assert px[96, 0] == px[64, 0] and px[96, 10] == px[0, 10]  # pasted: reconstruction only where masked
+
+
+def test_torch_compile_trains_like_eager(tmp_path):
+    """--torch_compile goes through Accelerate's dynamo plugin: the same losses and weights as eager (aot_eager
+    here: the graph capture and autograd of compilation, without a C++ toolchain), and a normal saved model."""
+    args = [*COMMON, "--max_train_steps", "3", "--logging_steps", "1", "--validation_split_percentage", "0",
+            "--dataloader_num_workers", "0", "--config_overrides", "drop_path_rate=0.0"]
+    eager, compiled = Recorder(), Recorder()
+    assert pretrain(["--output_dir", tmp_path / "eager", *args], callbacks=[eager]) == 0
+    assert pretrain(["--output_dir", tmp_path / "compiled", *args, "--torch_compile", "--torch_compile_backend",
+                     "aot_eager"], callbacks=[compiled]) == 0
+    assert [e["train/loss"] for e in compiled.logs] == pytest.approx([e["train/loss"] for e in eager.logs], abs=1e-5)
+    assert _max_diff(_weights(tmp_path / "eager"), _weights(tmp_path / "compiled")) <= 1e-5
+    assert not any(key.startswith("_orig_mod") for key in _weights(tmp_path / "compiled"))
