@@ -25,6 +25,7 @@ setup(
         "huggingface-hub>=1.0",
         "safetensors>=0.4",
         "pillow>=10",
+        "simplejpeg>=1.6",  # libjpeg-turbo JPEG decoding straight into numpy (the input pipeline's fast path)
         "numpy>=1.24",
         "kornia>=0.7",
     ],

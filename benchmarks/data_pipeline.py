@@ -7,11 +7,12 @@ receiving batches), so images/s is per core; multiply by the worker count for a 
 * `run_mim-style`: transformers' `run_mim.py` pipeline (its `set_transform` per image: decode by `datasets`,
   RandomResizedCrop + flip, `ViTImageProcessor` resize + rescale + normalise, numpy `MaskGenerator`), float32
   batches, as in `benchmarks/processor.py`.
-* `simmim_hf before`: this package before the fast path: decode in the collator, the processor's float32 output
-  normalised in the worker, non-persistent workers.
-* `simmim_hf now`: reduced-size JPEG decoding where the crop allows (`smallest_decode_size`), uint8 batches
-  (`return_uint8=True`) normalised on the device (`normalize_uint8`, timed separately: on a GPU it is one
-  fused kernel over the batch), persistent workers.
+* `simmim_hf before`: this package before the fast path: PIL decodes in the collator, the processor's float32
+  output normalised in the worker, non-persistent workers.
+* `simmim_hf now`: JPEGs decoded by libjpeg-turbo straight into numpy (`simplejpeg`) and cropped as views,
+  reduced-size decoding where the crop allows (`smallest_decode_size`), uint8 batches (`return_uint8=True`)
+  normalised on the device (`normalize_uint8`, timed separately: on a GPU it is one fused kernel over the
+  batch), persistent workers.
 
     python benchmarks/data_pipeline.py                       # both sizes, 192 px, batch 64
     python benchmarks/data_pipeline.py --quick               # a smoke run
@@ -29,6 +30,7 @@ import PIL.Image
 import torch
 from processor import RunMimBaseline  # `python benchmarks/data_pipeline.py` puts this folder on sys.path
 
+import simmim_hf.data
 from simmim_hf import SimMIMConfig, SimMIMImageProcessor
 from simmim_hf.data import EpochShuffleSampler, ImageRows, SimMIMCollator, create_dataloader
 from simmim_hf.sample_data import load_sample_images
@@ -63,6 +65,18 @@ def run_mim_loader(dataset, config, batch_size):
                                        num_workers=1, drop_last=True)
 
 
+class PilDecoding:
+    """The collator as it was before the libjpeg-turbo path: PIL decodes every image. Runs in its own DataLoader
+    worker, so switching the fast decoder off there leaves the other pipelines alone."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, rows):
+        simmim_hf.data._simplejpeg = None
+        return self.collator(rows)
+
+
 def simmim_loader(dataset, processor, batch_size, fast: bool):
     rows = ImageRows(dataset, "image")
     collator = SimMIMCollator(processor, seed=0, do_train=True, return_mask=True, return_uint8=fast,
@@ -71,7 +85,7 @@ def simmim_loader(dataset, processor, batch_size, fast: bool):
         return create_dataloader(rows, batch_size, collator, sampler=EpochShuffleSampler(len(rows)), num_workers=1,
                                  drop_last=True)
     return torch.utils.data.DataLoader(rows, batch_size=batch_size, sampler=EpochShuffleSampler(len(rows)),
-                                       collate_fn=collator, num_workers=1, drop_last=True)
+                                       collate_fn=PilDecoding(collator), num_workers=1, drop_last=True)
 
 
 def images_per_second(loader, batches: int) -> float:

@@ -113,23 +113,34 @@ class SimMIMTransform(_SeededProcessing):
 
 def decode_image(value, smallest_size=None):
     """Decode one image cell: a `datasets.Image(decode=False)` value ({'bytes', 'path'}), a path or a PIL image.
-    Returns the decoded PIL image in its own mode (the processor converts modes, compositing transparency onto
-    white), or None when the file cannot be read (truncated, corrupt, missing).
+    Returns None when the file cannot be read (truncated, corrupt, missing); otherwise
+
+    * a JPEG in RGB, YCbCr or grey: a uint8 `(H, W, 3)` RGB array, decoded by libjpeg-turbo through `simplejpeg`
+      straight into numpy (the same pixels as PIL's decode, without PIL's image object and the copy out of it:
+      the processor crops a view of it);
+    * anything else (PNG, WebP, CMYK JPEG, ..., or any JPEG without `simplejpeg`): the PIL image in its own mode
+      (the processor converts modes, compositing transparency onto white).
 
     `smallest_size(width, height) -> (width, height) or None`: the smallest decoded size the transform can use
     without upsampling; a JPEG is then decoded at the largest reduction (1/2, 1/4, 1/8, done by libjpeg in the
-    DCT, PIL's `draft` mode) that keeps it at least that large, which skips most of the decoding work for photos
-    much larger than the model's input.
+    DCT) that keeps it at least that large, which skips most of the decoding work for photos much larger than
+    the model's input.
 
     Decoding in the collator rather than inside `datasets` lets one corrupt file cost one sample (replaced and
     counted) instead of crashing a dataloader worker hours into a run."""
     from PIL import Image
 
+    if isinstance(value, Image.Image):
+        return value
     try:
-        if isinstance(value, Image.Image):
-            return value
         data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (None, value)
-        image = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
+        if data is None:
+            data = Path(path).read_bytes()
+        if _simplejpeg is not None and data[:3] == _JPEG_MAGIC:
+            pixels = _decode_jpeg(data, smallest_size)
+            if pixels is not None:
+                return pixels
+        image = Image.open(io.BytesIO(data))
         if smallest_size is not None and image.format == "JPEG":
             target = smallest_size(*image.size)
             if target is not None:
@@ -137,6 +148,35 @@ def decode_image(value, smallest_size=None):
         image.load()  # force the full decode now: truncated files fail here, not in the processor
         return image
     except Exception:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        return None
+
+
+try:  # libjpeg-turbo straight into numpy; PIL decodes JPEGs where it is missing
+    import simplejpeg as _simplejpeg
+except ImportError:  # pragma: no cover - a dependency of the package; kept optional for vendored installs
+    _simplejpeg = None
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _decode_jpeg(data: bytes, smallest_size=None):
+    """RGB uint8 `(H, W, 3)` of a JPEG, reduced by 2, 4 or 8 in the DCT where `smallest_size` allows (PIL's
+    `draft` rule: the largest power of two that keeps both sides at least the target); None where simplejpeg
+    cannot produce RGB (CMYK/YCCK, or a file it rejects): the caller falls back to PIL, which also tells the
+    corrupt files from the merely unusual ones."""
+    try:
+        height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("YCbCr", "Gray", "RGB"):
+            return None
+        options = {}
+        target = smallest_size(width, height) if smallest_size is not None else None
+        if target is not None:
+            scale = min(width // max(target[0], 1), height // max(target[1], 1))
+            factor = next(f for f in (8, 4, 2, 1) if scale >= f)
+            if factor > 1:  # the exact 1/factor size (ceil), which simplejpeg picks as the smallest size >= it
+                options = dict(min_width=-(-width // factor), min_height=-(-height // factor))
+        return _simplejpeg.decode_jpeg(data, colorspace="RGB", **options)
+    except Exception:  # noqa: BLE001 - ValueError for corrupt data; PIL gets the final say
         return None
 
 
@@ -266,10 +306,16 @@ class ImageRows(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, item) -> dict:
-        epoch, index = item if isinstance(item, tuple) else (0, item)
-        row = self.dataset[int(index)]
-        return {"image": row[self.image_column], "index": int(index), "epoch": int(epoch),
-                **{column: row[column] for column in self.keep_columns}}
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: Sequence) -> list[dict]:
+        """A whole batch in one Arrow read (the DataLoader calls this when it exists)."""
+        epochs, indices = zip(*((item if isinstance(item, tuple) else (0, item)) for item in items))
+        indices = [int(index) for index in indices]
+        columns = self.dataset[indices]
+        return [{"image": columns[self.image_column][k], "index": index, "epoch": int(epoch),
+                 **{column: columns[column][k] for column in self.keep_columns}}
+                for k, (epoch, index) in enumerate(zip(epochs, indices))]
 
 
 class StreamingImageRows(IterableDataset):

@@ -80,19 +80,67 @@ def test_reduced_decoding_never_leaves_a_crop_smaller_than_the_output(processor,
             assert min(target) >= int(out / processor.crop_pct)
 
 
+def _size(decoded) -> tuple[int, int]:
+    """(width, height) of what `decode_image` returns: a PIL image or an (H, W, 3) array."""
+    return decoded.size if isinstance(decoded, Image.Image) else (decoded.shape[1], decoded.shape[0])
+
+
+def _pil_decode(cell: dict, draft=None) -> np.ndarray:
+    image = Image.open(io.BytesIO(cell["bytes"]))
+    if draft is not None:
+        image.draft(image.mode, draft)
+    return np.asarray(image.convert("RGB"))
+
+
 def test_a_large_jpeg_is_decoded_reduced_and_processes_like_the_full_decode(processor):
     cell = _jpeg(_photo(1024, 768))
     full = decode_image(cell)
     reduced = decode_image(cell, smallest_decode_size(processor, do_train=False))
-    assert full.size == (1024, 768) and reduced.size in {(512, 384), (256, 192), (128, 96)}
+    assert _size(full) == (1024, 768) and _size(reduced) in {(512, 384), (256, 192), (128, 96)}
     a = processor([full], do_train=False, return_tensors="pt")["pixel_values"]
     b = processor([reduced], do_train=False, return_tensors="pt")["pixel_values"]
     assert (a - b).abs().mean() < 0.05  # normalised units: the two downsamplings agree closely
     small = _jpeg(_photo(100, 80))  # too small to reduce: the full decode
-    assert decode_image(small, smallest_decode_size(processor, do_train=True)).size == (100, 80)
+    assert _size(decode_image(small, smallest_decode_size(processor, do_train=True))) == (100, 80)
     png = io.BytesIO()
     _photo(1024, 768).save(png, "PNG")
     assert decode_image({"bytes": png.getvalue(), "path": None}, smallest_decode_size(processor, True)).size == (1024, 768)
+
+
+def test_jpegs_decode_to_the_same_pixels_as_pil_full_and_reduced(processor, tmp_path):
+    """The libjpeg-turbo fast path returns RGB arrays equal to PIL's decode (and PIL's `draft` reduction);
+    a grey JPEG comes back as RGB; a path reads like bytes."""
+    cell = _jpeg(_photo(700, 500, seed=1))
+    full = decode_image(cell)
+    assert isinstance(full, np.ndarray) and full.dtype == np.uint8 and full.shape == (500, 700, 3)
+    np.testing.assert_array_equal(full, _pil_decode(cell))
+    smallest = smallest_decode_size(processor, do_train=True)
+    reduced = decode_image(cell, smallest)
+    assert reduced.shape[0] < 500  # reduced in the DCT, exactly as PIL's draft mode reduces it
+    np.testing.assert_array_equal(reduced, _pil_decode(cell, smallest(700, 500)))
+    grey = _jpeg(_photo(90, 60).convert("L"))
+    np.testing.assert_array_equal(decode_image(grey), _pil_decode(grey))
+    (tmp_path / "a.jpg").write_bytes(cell["bytes"])
+    np.testing.assert_array_equal(decode_image(str(tmp_path / "a.jpg")), full)
+    np.testing.assert_array_equal(decode_image({"bytes": None, "path": str(tmp_path / "a.jpg")}), full)
+    assert decode_image(str(tmp_path / "missing.jpg")) is None
+
+
+def test_jpegs_the_fast_path_cannot_take_fall_back_to_pil(processor, monkeypatch):
+    cmyk = io.BytesIO()
+    _photo(80, 60).convert("CMYK").save(cmyk, "JPEG", quality=90)
+    decoded = decode_image({"bytes": cmyk.getvalue(), "path": None})
+    assert isinstance(decoded, Image.Image) and decoded.mode == "CMYK"  # the processor converts it to RGB
+    assert processor([decoded], return_tensors="pt")["pixel_values"].shape == (1, 3, 64, 64)
+    cell = _jpeg(_photo(120, 90))
+    truncated = {"bytes": cell["bytes"][: len(cell["bytes"]) // 2], "path": None}
+    assert decode_image(truncated) is None  # neither decoder accepts it: the collator replaces and counts it
+    import simmim_hf.data as data
+
+    monkeypatch.setattr(data, "_simplejpeg", None)  # without simplejpeg: PIL, same pixels
+    pil = decode_image(cell)
+    assert isinstance(pil, Image.Image)
+    np.testing.assert_array_equal(np.asarray(pil), _pil_decode(cell))
 
 
 def test_collator_uses_reduced_decoding_and_stays_per_sample_deterministic(processor):

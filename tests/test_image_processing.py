@@ -98,6 +98,15 @@ def test_array_layouts_and_dtypes_agree():
     gray_ref = processor(PIL.Image.fromarray(gray).convert("RGB"), return_tensors="pt")["pixel_values"]
     for variant in (gray, gray[None], gray[..., None], torch.from_numpy(gray)):
         torch.testing.assert_close(processor(variant, return_tensors="pt")["pixel_values"], gray_ref)
+    # Training crops of 8-bit arrays are views of the input, resized by the same kernel as PIL inputs: identical.
+    train = tiny_processor(do_train=True)
+    photo = np.array(rgb(6, 9).resize((70, 50), PIL.Image.BILINEAR))
+    ref = train(PIL.Image.fromarray(photo), return_tensors="pt", seed=3)["pixel_values"]
+    for variant in (photo, photo.transpose(2, 0, 1), torch.from_numpy(photo).permute(2, 0, 1)):
+        assert torch.equal(train(variant, return_tensors="pt", seed=3)["pixel_values"], ref)
+    read_only = photo.copy()
+    read_only.flags.writeable = False  # e.g. np.asarray of a PIL image: shared, never written to
+    assert torch.equal(train(read_only, return_tensors="pt", seed=3)["pixel_values"], ref)
 
 
 def test_batched_mixed_sizes_and_types():
