@@ -811,11 +811,7 @@ def _convert_transformers_swin(model, origin: str) -> tuple[dict, dict]:
     out = {"simmim.embeddings.mask_token": sd.pop("swin.embeddings.mask_token")}
     if c.use_absolute_embeddings:
         out["simmim.embeddings.position_embeddings"] = sd.pop("swin.embeddings.position_embeddings")
-    for name in ("weight", "bias"):
-        out[f"simmim.embeddings.projection.{name}"] = sd.pop(f"swin.embeddings.patch_embeddings.projection.{name}")
-        out[f"simmim.embeddings.norm.{name}"] = sd.pop(f"swin.embeddings.norm.{name}")
-        out[f"simmim.layernorm.{name}"] = sd.pop(f"swin.layernorm.{name}")
-        out[f"decoder.0.{name}"] = sd.pop(f"decoder.0.{name}")
+    _convert_swin_stem_and_merging(sd, out, depths, "swin.", "simmim.", decoder=True)
     for s, depth in enumerate(depths):
         for b in range(depth):
             src, dst = f"swin.encoder.layers.{s}.blocks.{b}", f"simmim.encoder.stages.{s}.blocks.{b}"
@@ -825,12 +821,25 @@ def _convert_transformers_swin(model, origin: str) -> tuple[dict, dict]:
             for part in ("layernorm_before", "layernorm_after", "mlp.fc1", "mlp.fc2"):
                 for name in ("weight", "bias"):
                     out[f"{dst}.{part}.{name}"] = sd.pop(f"{src}.{part}.{name}")
-        if s < len(depths) - 1:
-            src, dst = f"swin.encoder.layers.{s}.downsample", f"simmim.encoder.stages.{s}.downsample"
-            out[f"{dst}.reduction.weight"] = sd.pop(f"{src}.reduction.weight")
-            for name in ("weight", "bias"):
-                out[f"{dst}.norm.{name}"] = sd.pop(f"{src}.norm.{name}")
     return kwargs, _finish(sd, out, origin)
+
+
+def _convert_swin_stem_and_merging(sd: dict, out: dict, depths: list, src_root: str, dst_root: str,
+                                   decoder: bool) -> None:
+    """Move the tensors transformers' Swin and Swinv2 name alike from `sd` to `out`: the patch embedding and its
+    norm, the final norm, the SimMIM decoder (`decoder`) and every stage's patch merging."""
+    for name in ("weight", "bias"):
+        out[f"{dst_root}embeddings.projection.{name}"] = sd.pop(
+            f"{src_root}embeddings.patch_embeddings.projection.{name}")
+        out[f"{dst_root}embeddings.norm.{name}"] = sd.pop(f"{src_root}embeddings.norm.{name}")
+        out[f"{dst_root}layernorm.{name}"] = sd.pop(f"{src_root}layernorm.{name}")
+        if decoder:
+            out[f"decoder.0.{name}"] = sd.pop(f"decoder.0.{name}")
+    for s in range(len(depths) - 1):
+        src, dst = f"{src_root}encoder.layers.{s}.downsample", f"{dst_root}encoder.stages.{s}.downsample"
+        out[f"{dst}.reduction.weight"] = sd.pop(f"{src}.reduction.weight")
+        for name in ("weight", "bias"):
+            out[f"{dst}.norm.{name}"] = sd.pop(f"{src}.norm.{name}")
 
 
 def _finish(leftover: dict, out: dict, origin: str) -> dict:
@@ -973,13 +982,7 @@ def _convert_transformers_swinv2(model, origin: str) -> tuple[dict, dict]:
     # A Swinv2Model built without `use_mask_token` has none; transformers would initialise it at zero.
     mask_token = sd.pop(f"{src_root}embeddings.mask_token", None)
     out[f"{dst_root}embeddings.mask_token"] = mask_token if mask_token is not None else torch.zeros(1, 1, c.embed_dim)
-    for name in ("weight", "bias"):
-        out[f"{dst_root}embeddings.projection.{name}"] = sd.pop(
-            f"{src_root}embeddings.patch_embeddings.projection.{name}")
-        out[f"{dst_root}embeddings.norm.{name}"] = sd.pop(f"{src_root}embeddings.norm.{name}")
-        out[f"{dst_root}layernorm.{name}"] = sd.pop(f"{src_root}layernorm.{name}")
-        if not bare:
-            out[f"decoder.0.{name}"] = sd.pop(f"decoder.0.{name}")
+    _convert_swin_stem_and_merging(sd, out, depths, src_root, dst_root, decoder=not bare)
     parts = {"layernorm_before": "attention_output_norm", "layernorm_after": "mlp_output_norm",
              "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2", "attention.output.dense": "attention.proj"}
     for s, depth in enumerate(depths):
@@ -999,11 +1002,6 @@ def _convert_transformers_swinv2(model, origin: str) -> tuple[dict, dict]:
             for theirs, ours in parts.items():
                 for name in ("weight", "bias"):
                     out[f"{dst}.{ours}.{name}"] = sd.pop(f"{src}.{theirs}.{name}")
-        if s < len(depths) - 1:
-            src, dst = f"{src_root}encoder.layers.{s}.downsample", f"{dst_root}encoder.stages.{s}.downsample"
-            out[f"{dst}.reduction.weight"] = sd.pop(f"{src}.reduction.weight")
-            for name in ("weight", "bias"):
-                out[f"{dst}.norm.{name}"] = sd.pop(f"{src}.norm.{name}")
     return kwargs, _finish(sd, out, origin)
 
 

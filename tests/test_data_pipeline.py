@@ -160,3 +160,35 @@ def test_processor_from_config_takes_the_configs_normalisation():
     assert list(processor.image_mean) == [0.5] * 3 and list(processor.image_std) == [0.25] * 3
     default = SimMIMImageProcessor.from_config(SimMIMConfig.from_preset("vit-nano-p4-32"))
     assert list(default.image_mean) == pytest.approx([0.485, 0.456, 0.406])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_decoded_images_are_upright_as_datasets_decodes_them(processor, monkeypatch, fast):
+    """EXIF orientation (phone photos) is applied, exactly as `datasets.Image` applies it when it decodes, in the
+    fast path and in PIL's; a reduced decode of a rotated photo is sized for the upright image."""
+    import datasets
+
+    import simmim_hf.data as data
+
+    if not fast:
+        monkeypatch.setattr(data, "_simplejpeg", None)
+    stored = _photo(90, 60, seed=2)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        stored.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+        cell = {"bytes": buffer.getvalue(), "path": None}
+        expected = np.asarray(datasets.Image().decode_example(dict(cell)).convert("RGB"))
+        decoded = decode_image(cell)
+        assert isinstance(decoded, np.ndarray) == fast
+        np.testing.assert_array_equal(np.asarray(decoded.convert("RGB")) if not fast else decoded, expected)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    buffer = io.BytesIO()
+    _photo(1600, 600).save(buffer, "JPEG", quality=90, exif=exif.tobytes())
+    smallest = smallest_decode_size(processor, do_train=True)
+    decoded = decode_image({"bytes": buffer.getvalue(), "path": None}, smallest)
+    width, height = _size(decoded)
+    target = smallest(600, 1600)
+    assert (width, height) != (600, 1600) and height > width and width >= target[0] and height >= target[1]
