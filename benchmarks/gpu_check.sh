@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# All GPU checks in one go (about 12 minutes on one H100/H200; STEPS="1 2" about 8):
-#   1. train-step throughput and peak memory vs transformers' ViT/Swin MIM models, bf16 autocast;
+# All GPU checks in one go (parts 1-3 about 12 minutes on one H100/H200, part 4 about 8; pick with STEPS):
+#   1. train-step throughput and peak memory vs transformers' ViT/Swin/Swinv2 MIM models (Swin-T and Swin-B), bf16;
 #   2. torch.compile vs eager (loss agreement, speed) and fp16 + GradScaler training;
-#   3. the pretraining script end to end in bf16 on the tiny preset and on the paper's ViT-B.
+#   3. the pretraining script end to end in bf16 on the tiny preset and on the paper's ViT-B;
+#   4. scale targets (benchmarks/scale.py): MFU of the compiled ViT-B/16 bf16 step by batch size, the full
+#      pretraining loop vs the bare step on real-size JPEGs, peak memory with/without activation checkpointing
+#      and the largest batch per GPU for ViT-B and Swin-B.
 # Usage: bash benchmarks/gpu_check.sh [RESULTS_DIR]     (logs and JSON go to RESULTS_DIR, default gpu_results)
 #   STEPS="1 2" runs only those parts; COMPILE_PRESETS picks the models compiled in part 2.
 set -uo pipefail
@@ -20,8 +23,8 @@ $PY -c "import torch, transformers, accelerate; print('torch', torch.__version__
 
 if want 1; then
 echo "== 1. train step vs transformers (bf16; then fp32 without TF32) =="
-timeout 240 $PY benchmarks/train_step.py --device cuda --dtype bf16 --batch_size 64 --warmup 5 --iters 10 --rounds 6 \
-    --json "$RESULTS_DIR/train_step.json" 2>&1 | tee "$RESULTS_DIR/train_step.log" | grep -v Warning
+timeout 300 $PY benchmarks/train_step.py --device cuda --dtype bf16 --batch_size 64 --warmup 5 --iters 10 --rounds 6 \
+    --pairs vit swin swin-base swinv2 paper --json "$RESULTS_DIR/train_step.json" 2>&1 | tee "$RESULTS_DIR/train_step.log" | grep -v Warning
 timeout 150 $PY benchmarks/train_step.py --device cuda --dtype fp32 --batch_size 32 --warmup 3 --iters 5 --rounds 6 \
     --pairs vit swin --json "$RESULTS_DIR/train_step_fp32.json" 2>&1 | tee "$RESULTS_DIR/train_step_fp32.log" \
     | grep -v Warning
@@ -34,7 +37,7 @@ timeout 200 $PY benchmarks/compile_check.py --presets $COMPILE_PRESETS --batch_s
     | tee "$RESULTS_DIR/compile.log" | grep -v Warning
 fi
 
-want 3 || exit 0
+if want 3; then
 echo "== 3. pretraining script, bf16 =="
 for preset in vit-nano-p4-32 vit-base-p16-224; do
     batch=$([ "$preset" = vit-nano-p4-32 ] && echo 64 || echo 128)
@@ -44,3 +47,13 @@ for preset in vit-nano-p4-32 vit-base-p16-224; do
         --output_dir "/tmp/simmim-gpu-$preset" > "$RESULTS_DIR/pretrain-$preset.log" 2>&1
     echo "$preset exit=$?"; grep -E "step (10|20|30|40)/|Num processes|images/s" "$RESULTS_DIR/pretrain-$preset.log" | grep -v "it/s\]" | tail -6
 done
+fi
+
+want 4 || exit 0
+echo "== 4. scale: MFU, loop vs bare step, checkpointing memory =="
+timeout 200 $PY benchmarks/scale.py mfu --device cuda --dtype bf16 --compile --batch_sizes 64 128 256 512 \
+    --json "$RESULTS_DIR/mfu.json" 2>&1 | tee "$RESULTS_DIR/mfu.log" | grep -v Warning
+timeout 200 $PY benchmarks/scale.py loop --device cuda --dtype bf16 --compile --batch_sizes 128 \
+    --json "$RESULTS_DIR/loop.json" > "$RESULTS_DIR/loop.log" 2>&1; tail -1 "$RESULTS_DIR/loop.log"
+timeout 150 $PY benchmarks/scale.py memory --device cuda --dtype bf16 --json "$RESULTS_DIR/memory.json" 2>&1 \
+    | tee "$RESULTS_DIR/memory.log" | grep -v Warning

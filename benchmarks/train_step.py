@@ -7,6 +7,8 @@ Pairs compared (same architecture, same parameter count, same attention backend,
   ``vit-base-p16-224-plain`` (absolute positions, full qkv bias, no LayerScale).
 * ``swin``: transformers `SwinForMaskedImageModeling` (Swin-T at 192, window 6) vs simmim_hf preset
   ``swin-tiny-w6-192``.
+* ``swin-base``: the same at Swin-B size (embed 128, heads 4/8/16/32, 192 px, window 6) against simmim_hf
+  ``swin-base-w6-192``, the paper's pretraining model and issue 14's target (x1.2 in bf16).
 * ``swinv2``: transformers `Swinv2ForMaskedImageModeling` (SwinV2-T at 192, window 6; transformers' Swinv2 has
   eager attention only) vs simmim_hf ``encoder_type="swinv2"`` with the same sizes (cosine attention through SDPA).
 * ``paper``: simmim_hf ``vit-base-p16-224`` (the paper's ViT-B: shared relative position bias, LayerScale, q/v bias)
@@ -68,6 +70,8 @@ MODELS = {
     "simmim-vit-plain": "simmim_hf vit-base-p16-224-plain",
     "transformers-swin": "transformers SwinForMaskedImageModeling, Swin-T w6 @192",
     "simmim-swin": "simmim_hf swin-tiny-w6-192",
+    "transformers-swin-base": "transformers SwinForMaskedImageModeling, Swin-B w6 @192",
+    "simmim-swin-base": "simmim_hf swin-base-w6-192",
     "transformers-swinv2": "transformers Swinv2ForMaskedImageModeling, SwinV2-T w6 @192",
     "simmim-swinv2": "simmim_hf swinv2, SwinV2-T w6 @192",
     "simmim-vit-paper": "simmim_hf vit-base-p16-224 (shared rel. bias + LayerScale)",
@@ -76,11 +80,13 @@ MODELS = {
 PAIRS = {
     "vit": ("transformers-vit", "simmim-vit-plain"),
     "swin": ("transformers-swin", "simmim-swin"),
+    "swin-base": ("transformers-swin-base", "simmim-swin-base"),
     "swinv2": ("transformers-swinv2", "simmim-swinv2"),
     "paper": ("simmim-vit-plain", "simmim-vit-paper"),
 }
-TARGETS = {"vit": 1.0, "swin": 1.2, "swinv2": 1.0}
+TARGETS = {"vit": 1.0, "swin": 1.2, "swin-base": 1.2, "swinv2": 1.0}
 SWIN_T = dict(image_size=192, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=6)
+SWIN_B = dict(image_size=192, patch_size=4, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=6)
 
 
 def build_model(name: str) -> torch.nn.Module:
@@ -88,9 +94,9 @@ def build_model(name: str) -> torch.nn.Module:
         config = ViTConfig(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                            intermediate_size=3072, encoder_stride=16, attn_implementation="sdpa")
         return ViTForMaskedImageModeling(config)
-    if name == "transformers-swin":
-        config = SwinConfig(image_size=192, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
-                            window_size=6, encoder_stride=32, drop_path_rate=0.0, attn_implementation="sdpa")
+    if name in ("transformers-swin", "transformers-swin-base"):
+        sizes = SWIN_T if name == "transformers-swin" else SWIN_B
+        config = SwinConfig(**sizes, encoder_stride=32, drop_path_rate=0.0, attn_implementation="sdpa")
         return SwinForMaskedImageModeling(config)
     if name == "transformers-swinv2":
         return Swinv2ForMaskedImageModeling(Swinv2Config(**SWIN_T, encoder_stride=32, drop_path_rate=0.0))
@@ -99,7 +105,7 @@ def build_model(name: str) -> torch.nn.Module:
                               attn_implementation="sdpa")
         return SimMIMForMaskedImageModeling(config)
     preset = {"simmim-vit-plain": "vit-base-p16-224-plain", "simmim-swin": "swin-tiny-w6-192",
-              "simmim-vit-paper": "vit-base-p16-224"}[name]
+              "simmim-swin-base": "swin-base-w6-192", "simmim-vit-paper": "vit-base-p16-224"}[name]
     config = SimMIMConfig.from_preset(preset, drop_path_rate=0.0, attn_implementation="sdpa")
     return SimMIMForMaskedImageModeling(config)
 
@@ -231,7 +237,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model before the first round")
     parser.add_argument("--iters", type=int, default=1, help="timed steps per model per round")
     parser.add_argument("--rounds", type=int, default=10, help="alternating rounds; the median is reported")
-    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--pairs", nargs="+", default=["vit", "swin", "swinv2", "paper"], choices=list(PAIRS),
+                        help="Pairs to time (swin-base, for GPUs, is not in the default).")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument("--skip_memory", action="store_true")
     parser.add_argument("--json", type=str, help="also write the results to this file")

@@ -184,8 +184,11 @@ def _jpeg_exif_orientation(data: bytes) -> int:
         return 1
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
-        return _orientation(image)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return _orientation(image)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block does not make the pixels unreadable
+        return 1
 
 
 def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
