@@ -192,3 +192,14 @@ def test_decoded_images_are_upright_as_datasets_decodes_them(processor, monkeypa
     width, height = _size(decoded)
     target = smallest(600, 1600)
     assert (width, height) != (600, 1600) and height > width and width >= target[0] and height >= target[1]
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # PIL's, as when datasets decodes the same file
+def test_a_damaged_exif_block_does_not_make_a_jpeg_unreadable():
+    cell = _jpeg(_photo(60, 40))
+    payload = b"Exif\x00\x00MM\x00\x2a\xff\xff\xff\xff garbage"
+    segment = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    damaged = {"bytes": cell["bytes"][:2] + segment + cell["bytes"][2:], "path": None}
+    decoded = decode_image(damaged)
+    assert decoded is not None
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(decode_image(cell)))
