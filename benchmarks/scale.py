@@ -5,7 +5,7 @@ train step, and the full pretraining loop against the bare step.
   step; the optimizer state already allocated) without and with activation checkpointing, per preset, and the
   largest batch per device. Peak memory grows linearly in the batch (parameters, gradients and AdamW state are
   fixed; activations are per image), so two batch sizes give the line ``fixed + per_image * batch``, solved for
-  ``--memory_gib`` x ``--headroom`` (what the allocator's rounding, fragmentation and kernel workspaces leave).
+  the device memory x ``--headroom`` (what the allocator's rounding, fragmentation and kernel workspaces leave).
   On CUDA: ``torch.cuda.max_memory_allocated``. On CPU: the same quantity without running anything, i.e. every
   tensor the step keeps alive, tracked on fake tensors (``torch.distributed._tools.mem_tracker.MemTracker`` under
   ``FakeTensorMode``); autocast then follows the CPU's op list, close to but not the same as CUDA's.
@@ -109,6 +109,8 @@ def peak_memory(preset: str, batch_size: int, checkpointing: bool, device: torch
 def run_memory(args) -> dict:
     device = torch.device(args.device)
     small, large = args.batch_sizes[:2]
+    if args.memory_gib is None:  # the device's own size on CUDA; an H200's otherwise
+        args.memory_gib = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else 140.0
     budget = args.memory_gib * GIB * args.headroom
     results = {}
     print(f"peak memory of a training step, {args.dtype}, device {device} "
@@ -150,10 +152,13 @@ def flops_per_image(preset: str) -> float:
 
 
 def time_step(preset: str, batch_size: int, device, dtype: str, compile_model: bool, warmup: int, iters: int):
-    """Images/s of the bare training step: fused AdamW, no data loading, one host sync per timed block."""
+    """Images/s of the bare training step: fused AdamW, no data loading, one host sync per timed block. Compiled,
+    it gets a fresh static-shape graph (no graph of an earlier batch size or of the loop carries over)."""
     model = build(preset).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    step_model = torch.compile(model) if compile_model else model
+    if compile_model:
+        torch._dynamo.reset()
+    step_model = torch.compile(model, dynamic=False) if compile_model else model
     batch = make_batch(model.config, batch_size, device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
@@ -259,7 +264,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=None,
                         help="memory: the two batch sizes of the fit (default 32 64); mfu: each timed (default 64 "
                              "128 256); loop: the first (default 128).")
-    parser.add_argument("--memory_gib", type=float, default=141.0, help="Device memory for the largest batch (H200).")
+    parser.add_argument("--memory_gib", type=float, default=None,
+                        help="Device memory for the largest batch (default: the GPU's; on the CPU an H200's 140 GiB).")
     parser.add_argument("--headroom", type=float, default=0.9, help="Share of --memory_gib the tensors may take.")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (mfu, loop).")
     parser.add_argument("--peak_tflops", type=float, default=None, help="Device peak (default: by GPU name).")
@@ -283,8 +289,8 @@ def main(argv=None) -> None:
                                              else ["vit-base-p16-224"])
         part_args.batch_sizes = args.batch_sizes or {"memory": [32, 64], "mfu": [64, 128, 256], "loop": [128]}[part]
         results[part] = {"memory": run_memory, "mfu": run_mfu, "loop": run_loop}[part](part_args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        if args.json:  # after every part: a later part that runs out of time loses only itself
+            Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -178,9 +178,10 @@ def _orientation(image) -> int:
 
 
 def _jpeg_exif_orientation(data: bytes) -> int:
-    """EXIF orientation of a JPEG (1: as stored). Most files carry no EXIF block, and a byte search says so
-    without parsing; PIL parses the others."""
-    if data.find(b"Exif\x00\x00", 0, 1 << 17) < 0:  # the APP1 block sits before the image data, near the start
+    """Orientation of a JPEG (1: as stored), from its EXIF or XMP block as PIL's `getexif` reads it. Most files
+    carry neither, and a byte search of the header says so without parsing; PIL parses the others."""
+    header = data[: data.find(b"\xff\xda")]  # both blocks precede the first start-of-scan marker
+    if b"Exif\x00\x00" not in header and b"http://ns.adobe.com/xap/1.0/" not in header:
         return 1
     from PIL import Image
 

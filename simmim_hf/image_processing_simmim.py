@@ -502,7 +502,7 @@ def _array_to_working(array: np.ndarray, input_data_format=None, channels_first_
     if hwc.dtype == np.uint8:
         if channels != 3:
             hwc = convert_to_rgb(hwc, return_numpy=True, input_data_format=ChannelDimension.LAST)
-        elif not hwc.flags.writeable:  # torch.from_numpy cannot share a read-only buffer
+        elif not hwc.flags.writeable or min(hwc.strides) < 0:  # torch.from_numpy takes neither (e.g. img[..., ::-1])
             hwc = hwc.copy()
         return torch.from_numpy(hwc).permute(2, 0, 1)  # (3, H, W), channels-last strides: torch's fast uint8 path
     if hwc.dtype == np.uint16:

@@ -183,6 +183,15 @@ def test_decoded_images_are_upright_as_datasets_decodes_them(processor, monkeypa
         decoded = decode_image(cell)
         assert isinstance(decoded, np.ndarray) == fast
         np.testing.assert_array_equal(np.asarray(decoded.convert("RGB")) if not fast else decoded, expected)
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", quality=95, xmp=xmp)  # the orientation in XMP only, which PIL's getexif also reads
+    cell = {"bytes": buffer.getvalue(), "path": None}
+    expected = np.asarray(datasets.Image().decode_example(dict(cell)).convert("RGB"))
+    assert expected.shape == (90, 60, 3)
+    decoded = decode_image(cell)
+    np.testing.assert_array_equal(np.asarray(decoded.convert("RGB")) if not fast else decoded, expected)
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, shown portrait
     buffer = io.BytesIO()

@@ -107,6 +107,8 @@ def test_array_layouts_and_dtypes_agree():
     read_only = photo.copy()
     read_only.flags.writeable = False  # e.g. np.asarray of a PIL image: shared, never written to
     assert torch.equal(train(read_only, return_tensors="pt", seed=3)["pixel_values"], ref)
+    bgr = np.ascontiguousarray(photo[..., ::-1])
+    assert torch.equal(train(bgr[..., ::-1], return_tensors="pt", seed=3)["pixel_values"], ref)  # OpenCV's BGR->RGB view
 
 
 def test_batched_mixed_sizes_and_types():
