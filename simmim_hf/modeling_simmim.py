@@ -447,6 +447,16 @@ class SimMIMSwinLayer(SimMIMShiftedWindowLayer):
         return hidden_states, weights
 
 
+def concat_2x2_neighbours(hidden_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, H * W, C) tokens -> (B, H/2 * W/2, 4C): each 2x2 neighbourhood's channels side by side, in Swin's order
+    x0, x1, x2, x3 = (even row, even col), (odd, even), (even, odd), (odd, odd) (pretrained weights depend on it)."""
+    height, width = grid
+    b, _, c = hidden_states.shape
+    x = hidden_states.view(b, height, width, c)
+    x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+    return x.view(b, -1, 4 * c)
+
+
 class SimMIMPatchMerging(nn.Module):
     """Halve the token grid and double the width: concatenate 2x2 neighbours (4C), norm, project to 2C."""
 
@@ -456,25 +466,30 @@ class SimMIMPatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        height, width = grid
-        b, _, c = hidden_states.shape
-        x = hidden_states.view(b, height, width, c)
-        # Channel order x0, x1, x2, x3 = (even row, even col), (odd, even), (even, odd), (odd, odd), as in Swin.
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.reduction(self.norm(x.view(b, -1, 4 * c)))
+        return self.reduction(self.norm(concat_2x2_neighbours(hidden_states, grid)))
 
 
 class SimMIMSwinStage(nn.Module):
+    """The blocks of one resolution (shifted windows on every second block), then patch merging unless last.
+    SwinV2 swaps in its block and merging classes (and passes the stage's pretrained window)."""
+
+    layer_class = SimMIMSwinLayer
+    merging_class = SimMIMPatchMerging
+
     def __init__(self, config: SimMIMConfig, stage: int, drop_path_rates: list[float]):
         super().__init__()
         dim = config.embed_dim * 2**stage
         resolution = config.image_size // (config.patch_size * 2**stage)
         self.blocks = nn.ModuleList([
-            SimMIMSwinLayer(config, dim, config.num_heads[stage], resolution, shift=i % 2 == 1,
-                            drop_path_rate=rate)
+            self.layer_class(config, dim, config.num_heads[stage], resolution, shift=i % 2 == 1,
+                             drop_path_rate=rate, **self.layer_kwargs(config, stage))
             for i, rate in enumerate(drop_path_rates)
         ])
-        self.downsample = SimMIMPatchMerging(config, dim) if stage < len(config.depths) - 1 else None
+        self.downsample = self.merging_class(config, dim) if stage < len(config.depths) - 1 else None
+
+    @staticmethod
+    def layer_kwargs(config: SimMIMConfig, stage: int) -> dict:
+        return {}
 
 
 class SimMIMSwinEncoder(nn.Module):
@@ -649,25 +664,16 @@ class SimMIMSwinV2PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(2 * dim, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        height, width = grid
-        b, _, c = hidden_states.shape
-        x = hidden_states.view(b, height, width, c)
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.norm(self.reduction(x.view(b, -1, 4 * c)))
+        return self.norm(self.reduction(concat_2x2_neighbours(hidden_states, grid)))
 
 
-class SimMIMSwinV2Stage(nn.Module):
-    def __init__(self, config: SimMIMConfig, stage: int, drop_path_rates: list[float]):
-        super().__init__()
-        dim = config.embed_dim * 2**stage
-        resolution = config.image_size // (config.patch_size * 2**stage)
-        pretrained_window = (config.pretrained_window_sizes or [0] * len(config.depths))[stage]
-        self.blocks = nn.ModuleList([
-            SimMIMSwinV2Layer(config, dim, config.num_heads[stage], resolution, shift=i % 2 == 1,
-                              drop_path_rate=rate, pretrained_window=pretrained_window)
-            for i, rate in enumerate(drop_path_rates)
-        ])
-        self.downsample = SimMIMSwinV2PatchMerging(config, dim) if stage < len(config.depths) - 1 else None
+class SimMIMSwinV2Stage(SimMIMSwinStage):
+    layer_class = SimMIMSwinV2Layer
+    merging_class = SimMIMSwinV2PatchMerging
+
+    @staticmethod
+    def layer_kwargs(config: SimMIMConfig, stage: int) -> dict:
+        return {"pretrained_window": (config.pretrained_window_sizes or [0] * len(config.depths))[stage]}
 
 
 class SimMIMSwinV2Encoder(SimMIMSwinEncoder):
