@@ -182,14 +182,16 @@ def run(argv=None, callbacks=()) -> tuple[dict, torch.nn.Module]:
         eval_rows, args.per_device_eval_batch_size, num_workers=num_workers,
         collate_fn=SimMIMCollator(processor, keep_columns=("label",), do_train=False, return_mask=False))
 
+    # Sharded first: the epoch length the schedule needs is one process's share of the batches.
+    train_dataloader, eval_dataloader = accelerator.prepare(train_dataloader, eval_dataloader)
+
     # ---------------------------------------------------------------------------------------- optimisation
     plan = LearningRatePlan.from_args(args, accelerator.num_processes, len(train_dataloader))
     layer_decay = None if args.linear_probe else (
         args.layer_decay if args.layer_decay is not None else DEFAULT_LAYER_DECAY[config.encoder_type])
     optimizer, lr_scheduler = create_optimizer_and_scheduler(
         model, args, plan, layer_decay, fused=accelerator.distributed_type != DistributedType.FSDP or None)
-    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     augment = augment.to(accelerator.device)
     checkpoints.settings = {
         "per_device_train_batch_size": args.per_device_train_batch_size, "num_processes": accelerator.num_processes,

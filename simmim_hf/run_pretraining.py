@@ -188,6 +188,12 @@ def main(argv=None, callbacks=()) -> int:
         vis_batch = eval_collator([train_rows[i] for i in range(min(args.num_visualize_images, len(train_rows)))])
         vis_batch = {k: v.to(accelerator.device) for k, v in vis_batch.items()}
 
+    if not args.streaming:  # a stream is already split per process
+        # Sharded first: the epoch length the schedule needs is one process's share of the batches.
+        train_dataloader = accelerator.prepare(train_dataloader)
+        if eval_dataloader is not None:
+            eval_dataloader = accelerator.prepare(eval_dataloader)
+
     # ---------------------------------------------------------------------------------------- optimisation
     plan = LearningRatePlan.from_args(args, accelerator.num_processes,
                                       None if args.streaming else len(train_dataloader))
@@ -195,10 +201,6 @@ def main(argv=None, callbacks=()) -> int:
     optimizer, lr_scheduler = create_optimizer_and_scheduler(
         model, args, plan, fused=accelerator.distributed_type != DistributedType.FSDP or None)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    if not args.streaming:  # a stream is already split per process
-        train_dataloader = accelerator.prepare(train_dataloader)
-        if eval_dataloader is not None:
-            eval_dataloader = accelerator.prepare(eval_dataloader)
     # What the saved position and schedule mean: resuming under other values is refused, naming the setting.
     checkpoints.settings = {
         "per_device_train_batch_size": args.per_device_train_batch_size, "num_processes": accelerator.num_processes,

@@ -165,3 +165,10 @@ def test_cpu_refuses_a_strategy_it_cannot_run(env, message, monkeypatch, tmp_pat
     with pytest.raises(ValueError, match=message) as error:
         create_accelerator(SimpleNamespace(cpu=True), tmp_path)
     assert "MULTI_CPU" in str(error.value) and "fsdp_version: 2" in str(error.value)
+
+
+def test_an_epoch_is_one_process_share_of_the_batches(fsdp_runs):
+    """The schedule's epoch is what each process steps through: 20 photos in full batches of 4 are 5 batches, of
+    which each of 2 processes gets 5 // 2 = 2 (not 5, which made --num_train_epochs run 2.5 times as long)."""
+    assert "2 epochs of 2 steps" in fsdp_runs["full_log"], fsdp_runs["full_log"][-3000:]
+    assert "step 2/4 epoch 0 " in fsdp_runs["full_log"] and "step 3/4 epoch 1 " in fsdp_runs["full_log"]
