@@ -192,9 +192,11 @@ class TrainingLoop:
         self.guard = NonFiniteGuard(max_consecutive_nonfinite, device)
         # The fused optimizer skips a non-finite step itself; a GradScaler (fp16) skips them its own way.
         self.guard_on_optimizer = NonFiniteGuard.supports(optimizer) and accelerator.scaler is None
-        if not self.guard_on_optimizer and accelerator.scaler is None:
-            logger.warning("The optimizer cannot skip steps without a host sync; non-finite steps are detected at "
-                           "the logging interval only.")
+        # Any other optimizer (FSDP's) is skipped from the host: one sync per optimizer step.
+        self.guard_on_host = not self.guard_on_optimizer and accelerator.scaler is None
+        if self.guard_on_host:
+            logger.info("The optimizer cannot skip a non-finite step by itself (not fused); the gradient norm is "
+                        "checked on the host before every optimizer step instead (one sync per step).")
         # Running sums on the device, read once per logging interval.
         self._loss_sum = torch.zeros((), device=device)
         self._loss_count = torch.zeros((), device=device)
@@ -258,7 +260,8 @@ class TrainingLoop:
                 self._grad_norm = grad_norm.detach()
                 if self.guard_on_optimizer:
                     NonFiniteGuard.attach(self.optimizer, found_inf)
-                self.optimizer.step()
+                if not (self.guard_on_host and found_inf.item()):  # a skipped step leaves weights and moments alone
+                    self.optimizer.step()
                 if self.guard_on_optimizer:
                     NonFiniteGuard.detach(self.optimizer)
                 self.lr_scheduler.step()
