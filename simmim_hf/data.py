@@ -28,6 +28,7 @@ workers of different ranks draw different streams.
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import os
@@ -368,15 +369,49 @@ class StreamingImageRows(IterableDataset):
     """Rows of a streamed `datasets.IterableDataset` (already split per process), looping over its epochs
     forever (the step budget ends training) and reshuffling shards and buffer each epoch. With no global index,
     a row's `index` is a hash of its content, so order and sharding do not change what a sample sees.
-    `set_position(epoch, skip)` starts the next iteration `skip` rows into `epoch` (skipping across epochs)."""
+    `set_position(epoch, skip)` starts the next iteration `skip` rows into `epoch` (skipping across epochs).
 
-    def __init__(self, hf_dataset, image_column: str = "image"):
+    `repeat=False` (evaluation) makes one iteration a single pass over the stream, at epoch 0 unless
+    `set_position` says otherwise, without reshuffling for a next epoch; an empty stream raises either way.
+
+    With DataLoader workers each worker streams its own shards and the loader takes batches from the workers
+    in turn (batch k from worker k % W, for a fresh iterator), so `skip` rows consumed in total are
+    `skip // batch_size` batches shared round-robin: each worker skips only the batches it produced. This needs
+    the loader's `batch_size` (given here, to `set_position`, or filled in by `create_dataloader`); with no
+    workers or a single one, exactly `skip` rows are skipped, as before."""
+
+    def __init__(self, hf_dataset, image_column: str = "image", *, repeat: bool = True,
+                 batch_size: int | None = None):
         self.dataset = _undecoded(hf_dataset, image_column)
         self.image_column = image_column
+        self.repeat = bool(repeat)
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError(f"`batch_size` must be >= 1; got {batch_size}.")
+        self.batch_size = None if batch_size is None else int(batch_size)
         self.epoch, self.skip = 0, 0
 
-    def set_position(self, epoch: int, skip: int = 0) -> None:
+    def set_position(self, epoch: int, skip: int = 0, batch_size: int | None = None) -> None:
+        """Start the next iteration `skip` rows (in total, over all DataLoader workers) into `epoch`."""
+        if batch_size is not None:
+            if int(batch_size) < 1:
+                raise ValueError(f"`batch_size` must be >= 1; got {batch_size}.")
+            self.batch_size = int(batch_size)
         self.epoch, self.skip = int(epoch), int(skip)
+
+    def _worker_skip(self, info) -> int:
+        """The rows of `self.skip` that this DataLoader worker produced (see the class docstring)."""
+        if info is None or info.num_workers == 1 or self.skip == 0:
+            return self.skip
+        if self.batch_size is None:
+            raise RuntimeError(
+                f"StreamingImageRows cannot resume {self.skip} rows into the stream with {info.num_workers} "
+                "DataLoader workers without the batch size; pass `batch_size` (or build the loader with "
+                "`create_dataloader`).")
+        workers, worker = info.num_workers, info.id
+        batches, rest = divmod(self.skip, self.batch_size)
+        produced = -(-(batches - worker) // workers) if batches > worker else 0
+        # A partial batch (not what the training loop passes) belongs to the worker whose turn is next.
+        return produced * self.batch_size + (rest if worker == batches % workers else 0)
 
     @staticmethod
     def _key(value) -> int:
@@ -385,11 +420,17 @@ class StreamingImageRows(IterableDataset):
         return content_key(repr(value))
 
     def __iter__(self):
-        epoch, skip = self.epoch, self.skip
+        info = torch.utils.data.get_worker_info()
+        epoch, skip = self.epoch, self._worker_skip(info)
+        dataset = self.dataset
+        if info is not None:
+            # `datasets` keeps the epoch in shared memory, common to all workers: one worker moving on to its next
+            # epoch would change the shard order another is about to read. A copy has an epoch of its own.
+            dataset = copy.deepcopy(dataset)
         while True:
-            self.dataset.set_epoch(epoch)
+            dataset.set_epoch(epoch)
             produced = 0
-            for row in self.dataset:
+            for row in dataset:
                 produced += 1
                 if skip:
                     skip -= 1
@@ -397,7 +438,11 @@ class StreamingImageRows(IterableDataset):
                 value = row[self.image_column]
                 yield {"image": value, "index": self._key(value), "epoch": epoch}
             if produced == 0:
-                raise RuntimeError("The stream is empty: no training rows.")
+                if info is not None and info.id >= dataset.num_shards:  # more workers than shards: this one idles
+                    return
+                raise RuntimeError("The stream is empty: no rows.")
+            if not self.repeat:
+                return
             epoch += 1
 
 
@@ -409,6 +454,8 @@ def create_dataloader(rows, batch_size: int, collate_fn, *, num_workers: int = 0
 
     The loader has its own generator: creating an iterator draws the workers' base seed from it rather than from
     torch's global generator, whose stream (drop path, augmentation) a resumed run must replay exactly."""
+    if isinstance(rows, StreamingImageRows) and rows.batch_size is None:
+        rows.batch_size = int(batch_size)  # to resume with several workers (`StreamingImageRows.set_position`)
     return torch.utils.data.DataLoader(
         rows, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last,
         generator=torch.Generator().manual_seed(0),

@@ -179,7 +179,9 @@ def main(argv=None, callbacks=()) -> int:
                                              drop_last=True, **loader_kwargs)
     eval_dataloader = None
     if eval_hf is not None:
-        eval_rows = StreamingImageRows(eval_hf, image_column) if args.streaming else ImageRows(eval_hf, image_column)
+        # One pass per evaluation (a training stream repeats forever).
+        eval_rows = StreamingImageRows(eval_hf, image_column, repeat=False) if args.streaming else \
+            ImageRows(eval_hf, image_column)
         eval_dataloader = create_dataloader(eval_rows, args.per_device_eval_batch_size, eval_collator,
                                             **loader_kwargs)
     # A fixed batch for the reconstruction grid: the first training images, evaluation crops.
