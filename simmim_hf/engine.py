@@ -216,10 +216,12 @@ class TrainingLoop:
                           extra=dict(stored.get("extra") or {}))
 
     def save_checkpoint(self, state: TrainState) -> Path:
-        """Save a resumable checkpoint at the current step (collective); an epoch that just ended is stored as
-        the start of the next one."""
+        """Save a resumable checkpoint at the current step (collective). An epoch whose end hooks have run is stored
+        as the start of the next one; one whose last batch is done but whose hooks have not (a signal, or a
+        `checkpointing_steps` save, on its last step) stays at its end, so a resumed run runs them."""
         epoch, batches = state.epoch, state.batches_in_epoch
-        if self.plan.steps_per_epoch is not None and not self.streaming and batches >= len(self.train_dataloader):
+        if (self.plan.steps_per_epoch is not None and not self.streaming and batches >= len(self.train_dataloader)
+                and self._epoch_end_step == state.global_step):
             epoch, batches = epoch + 1, 0
         path = self.checkpoints.save(state.global_step, {"epoch": epoch, "batches_in_epoch": batches,
                                                          "extra": state.extra})

@@ -104,6 +104,23 @@ def test_sigterm_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
     assert torch.equal(full.weight, resumed.weight) and torch.equal(full.bias, resumed.bias)
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_sigterm_on_an_epochs_last_step_still_runs_that_epochs_end_hooks(tmp_path, accumulation):
+    """The end-of-epoch hooks (fine-tuning's evaluation, best/ and last/) of an epoch cut at its last step run
+    after the resume, so the resumed run sees the epochs end exactly as the uninterrupted one."""
+    steps_per_epoch = 6 // accumulation
+    full = Recorder()
+    train(tmp_path / "full", steps=2 * steps_per_epoch, accumulation=accumulation, callbacks=[full])
+    stopper = Recorder(at_step={steps_per_epoch: lambda: os.kill(os.getpid(), signal.SIGTERM)})
+    state, _ = train(tmp_path / "cut", steps=2 * steps_per_epoch, accumulation=accumulation, callbacks=[stopper])
+    assert state.preempted and stopper.epoch_ends == []
+    resumer = Recorder()
+    train(tmp_path / "cut", steps=2 * steps_per_epoch, accumulation=accumulation, callbacks=[resumer], resume=True)
+    assert full.epoch_ends == [(0, steps_per_epoch), (1, 2 * steps_per_epoch)]
+    assert resumer.epoch_ends == full.epoch_ends and resumer.steps == list(range(steps_per_epoch + 1,
+                                                                                  2 * steps_per_epoch + 1))
+
+
 def test_plan_refuses_an_epoch_without_a_step():
     args = SimpleNamespace(per_device_train_batch_size=64, gradient_accumulation_steps=1, base_learning_rate=1e-4,
                            learning_rate=None, warmup_lr=0, min_lr=0, warmup_steps=None, warmup_epochs=1,
