@@ -245,7 +245,8 @@ class FinetuningArguments(OutputArguments, OptimizationArguments, DataArguments,
     min_lr: float = _arg(2.5e-7, "Final lr of the schedule for a total batch of 512 (scaled like the peak lr).")
     warmup_epochs: float = _arg(20.0, "Linear warmup in epochs (fractions allowed).")
     validation_split_percentage: float = _arg(
-        20.0, "Held-out percentage (stratified) when the dataset has no validation/test split.")
+        20.0, "Held-out percentage (stratified) of the training split when the dataset has no 'validation' split "
+              "(a 'test' split is only used with --validation_split test).")
 
     label_column_name: str = _arg("label", "Label column (class indices).")
     train_label_fraction: float = _arg(1.0, "Train on this stratified fraction of the labelled training set.")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import math
 import os
 import random
@@ -44,6 +45,8 @@ from .image_processing_simmim import SimMIMImageProcessor
 # The pretraining script's per-sample seed (a hash of (base_seed, epoch, index)): one definition, so this
 # transform and `examples/run_pretraining.py` give a sample the same crop, flip and mask.
 from .training_utils import content_key, sample_seed
+
+logger = logging.getLogger(__name__)
 
 
 class _SeededProcessing:
@@ -580,8 +583,13 @@ def load_classification_data(args, image_size: int):
                              f"columns: {columns}.")
         raw = raw.rename_columns({k: v for k, v in ((image_column, "image"), (args.label_column_name, "label"))
                                   if k != v})
-        val_name = args.validation_split or next(
-            (s for s in ("validation", "test") if s in raw and s != args.train_split), None)
+        # Never "test" unless asked for: the evaluation split selects best/, which must not be chosen on test data.
+        val_name = args.validation_split or ("validation" if "validation" in raw and args.train_split != "validation"
+                                             else None)
+        if val_name is None and "test" in raw and args.train_split != "test":
+            logger.info("The dataset's 'test' split is left alone (it would select best/); a stratified "
+                        f"{args.validation_split_percentage:g} % of --train_split is held out for evaluation. "
+                        "Pass --validation_split test to evaluate (and select) on it.")
         if val_name is not None:
             if val_name not in raw:
                 raise ValueError(f"--validation_split {val_name!r} not found; the dataset has {list(raw)}.")

@@ -212,3 +212,24 @@ def test_a_damaged_exif_block_does_not_make_a_jpeg_unreadable():
     decoded = decode_image(damaged)
     assert decoded is not None
     np.testing.assert_array_equal(np.asarray(decoded), np.asarray(decode_image(cell)))
+
+
+def test_finetuning_never_selects_on_a_test_split_unless_asked(tmp_path):
+    """A dataset with train and test splits only: the evaluation set (which picks best/) is held out of train; the
+    test split is used only with --validation_split test."""
+    from simmim_hf.arguments import FinetuningArguments, parse_args
+    from simmim_hf.data import load_classification_data
+
+    for split, count in (("train", 10), ("test", 4)):
+        for label in ("a", "b"):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                _photo(20, 20, seed=i).save(folder / f"{i}.png")
+    base = ["--dataset_name", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"),
+            "--preset", "vit-nano-p4-32", "--validation_split_percentage", "20"]
+    train, evaluation, _, _ = load_classification_data(parse_args(FinetuningArguments, base), 32)[:4]
+    assert (len(train), len(evaluation)) == (16, 4)  # 20 % of the 20 training images, stratified
+    train, evaluation, _, _ = load_classification_data(
+        parse_args(FinetuningArguments, [*base, "--validation_split", "test"]), 32)[:4]
+    assert (len(train), len(evaluation)) == (20, 8)
