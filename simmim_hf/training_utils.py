@@ -47,6 +47,7 @@ LATEST_FILE = "latest"
 _TMP_PREFIX = ".tmp-"
 # A complete checkpoint moved aside while a same-step re-save replaces it; restored if the kill came between.
 _REPLACED_PREFIX = ".replaced-"
+SUPERSEDED_PREFIX = "superseded-"  # checkpoints beyond the one a run resumed from, once that run saves
 
 
 # --------------------------------------------------------------------------------------------------- seeds
@@ -133,6 +134,7 @@ class CheckpointManager:
         self.total_limit = total_limit
         self.settings = dict(settings or {})
         self.protected: set[str] = set()  # folders being uploaded in the background: never rotated away
+        self.resumed_step: int | None = None  # set by `load`: later checkpoints are another branch of the run
 
     # -------------------------------------------------------------- listing
     def list_checkpoints(self, complete_only: bool = True) -> list[Path]:
@@ -185,6 +187,7 @@ class CheckpointManager:
             marker = {"step": int(step), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **state,
                       "settings": self.settings}
             atomic_write_text(tmp / COMPLETE_MARKER, json.dumps(marker, indent=2, sort_keys=True))
+            self._set_aside_abandoned_branch()
             if final.exists():
                 # Same step saved twice (e.g. SIGTERM right at a checkpointing step). The complete copy is moved
                 # aside, not deleted, until the new one is in place: a kill in between leaves it resolvable.
@@ -199,6 +202,23 @@ class CheckpointManager:
             self._rotate(keep=final)
         acc.wait_for_everyone()
         return final
+
+    def _set_aside_abandoned_branch(self) -> None:
+        """A run resumed from checkpoint-s that saves again has abandoned the checkpoints after s (e.g. resumed before
+        a divergence). They are renamed `superseded-checkpoint-<step>` (kept, never resolved or rotated), so
+        `latest` and rotation follow the branch being trained rather than the higher, stale step numbers."""
+        resumed, self.resumed_step = self.resumed_step, None
+        if resumed is None:
+            return
+        for path in self.list_checkpoints(complete_only=False):
+            step = _step_of(path.name.removeprefix(_REPLACED_PREFIX))
+            if step is not None and step > resumed:
+                target = self.root / f"{SUPERSEDED_PREFIX}{path.name.removeprefix(_REPLACED_PREFIX)}"
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(path, target)
+                logger.warning("%s is from after checkpoint-%d, which this run resumed from; kept as %s and no "
+                               "longer resumed or rotated.", path.name, resumed, target.name)
 
     def _rotate(self, keep: Path) -> None:
         # Stale temporary folders from killed runs are garbage; complete ones beyond the limit are deleted
@@ -273,7 +293,9 @@ class CheckpointManager:
         """Check the settings, restore the Accelerate state (collective) and return the stored position."""
         self.check_settings(path)
         self.accelerator.load_state(str(path))
-        return read_checkpoint_state(path)
+        stored = read_checkpoint_state(path)
+        self.resumed_step = int(stored["step"])
+        return stored
 
 
 # -------------------------------------------------------------------------------------------- preemption

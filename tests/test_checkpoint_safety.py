@@ -256,3 +256,22 @@ def test_the_latest_pointer_catches_up_with_the_newest_checkpoint(tmp_path, monk
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "checkpoint-2"  # lagging
     assert CheckpointManager(FakeAccelerator(), tmp_path).resolve("latest").name == "checkpoint-4"
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "checkpoint-4"
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside_at_the_first_save(tmp_path):
+    """Resumed from checkpoint-4 while 6 and 8 exist (e.g. to go back before a divergence): once the new branch
+    saves, `latest` and rotation follow it; the abandoned checkpoints are kept under another name."""
+    manager = CheckpointManager(FakeAccelerator(), tmp_path)
+    for step in (4, 6, 8):
+        save(manager, step, f"first branch {step}")
+    resumed = CheckpointManager(FakeAccelerator(), tmp_path, total_limit=2)
+    resumed.load(tmp_path / "checkpoints" / "checkpoint-4")
+    assert resumed.accelerator.loaded == "first branch 4"
+    save(resumed, 5, "second branch 5")
+    assert [p.name for p in resumed.list_checkpoints()] == ["checkpoint-4", "checkpoint-5"]
+    assert resumed.resolve("latest").name == "checkpoint-5"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("superseded-*")) == [
+        "superseded-checkpoint-6", "superseded-checkpoint-8"]
+    save(resumed, 7, "second branch 7")  # rotation now works on this branch; nothing more is set aside
+    assert [p.name for p in resumed.list_checkpoints()] == ["checkpoint-5", "checkpoint-7"]
+    assert len(list((tmp_path / "checkpoints").glob("superseded-*"))) == 2
