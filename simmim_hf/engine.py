@@ -100,11 +100,12 @@ def prepare_output_dir(accelerator, args) -> tuple[CheckpointManager, Path | Non
 
     Checked on every rank (same filesystem), so no rank waits forever for one that raised. A non-empty folder with
     nothing to resume is only taken over when it is this script's own run stopped before its first checkpoint
-    (it wrote training_args.json); anything else needs --overwrite_output_dir, which deletes its checkpoints."""
+    (it wrote training_args.json); anything else needs --overwrite_output_dir, which deletes its checkpoints
+    at this run's first save."""
     output_dir = Path(args.output_dir)
     checkpoints = CheckpointManager(accelerator, output_dir, args.checkpoints_total_limit)
     if args.overwrite_output_dir:
-        checkpoints.clear()
+        checkpoints.start_over()
     resume_path = checkpoints.resolve(args.resume_from_checkpoint)
     own_unfinished_run = args.resume_from_checkpoint == "latest" and (output_dir / "training_args.json").is_file()
     if output_dir.is_dir() and any(output_dir.iterdir()) and resume_path is None \

@@ -135,6 +135,7 @@ class CheckpointManager:
         self.settings = dict(settings or {})
         self.protected: set[str] = set()  # folders being uploaded in the background: never rotated away
         self.resumed_step: int | None = None  # set by `load`: later checkpoints are another branch of the run
+        self._start_over = False  # set by `start_over`
 
     # -------------------------------------------------------------- listing
     def list_checkpoints(self, complete_only: bool = True) -> list[Path]:
@@ -160,13 +161,19 @@ class CheckpointManager:
                 found[step] = path
         return [found[step] for step in sorted(found)]
 
-    def clear(self) -> None:
-        """Delete every checkpoint (main process): `--overwrite_output_dir` starts over for real, so a later
-        `--resume_from_checkpoint latest` can never pick up a previous run's state."""
-        if self.accelerator.is_main_process and self.root.exists():
-            logger.warning("Deleting the previous run's checkpoints in %s (--overwrite_output_dir).", self.root)
-            shutil.rmtree(self.root)
-        self.accelerator.wait_for_everyone()
+    def start_over(self) -> None:
+        """`--overwrite_output_dir`: the previous run's checkpoints are deleted when this run saves its first one,
+        so a later `--resume_from_checkpoint latest` never picks up the previous run, and a run that fails before
+        it has anything to save (a mistyped dataset, say) has not destroyed them."""
+        self._start_over = self.root.exists()
+        if self._start_over:
+            logger.warning("--overwrite_output_dir: the previous run's checkpoints in %s will be deleted when this "
+                           "run saves its first checkpoint.", self.root)
+
+    def _delete_previous_run(self) -> None:  # main process, inside the first `save`
+        logger.warning("Deleting the previous run's checkpoints in %s (--overwrite_output_dir).", self.root)
+        for child in self.root.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
 
     # -------------------------------------------------------------- saving
     def save(self, step: int, state: dict[str, Any]) -> Path:
@@ -177,9 +184,12 @@ class CheckpointManager:
         tmp = self.root / f"{_TMP_PREFIX}{CHECKPOINT_PREFIX}{step}"
         replaced = self.root / f"{_REPLACED_PREFIX}{CHECKPOINT_PREFIX}{step}"
         if acc.is_main_process:
+            if self._start_over:
+                self._delete_previous_run()
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():  # left over by a run killed mid-save
                 shutil.rmtree(tmp)
+        self._start_over = False
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
         acc.wait_for_everyone()  # every rank's files (its RNG state at least) are written

@@ -124,6 +124,14 @@ def test_overwrite_output_dir_starts_over_and_latest_never_resumes_the_old_run(t
     assert exit_info.value.code == 2 and "contradict" in capsys.readouterr().err
 
 
+def test_an_overwrite_run_that_fails_before_saving_destroys_nothing(tmp_path):
+    out = tmp_path / "out"
+    assert pretrain(["--output_dir", out, *TINY, "--max_train_steps", "3"]) == 0
+    with pytest.raises(FileNotFoundError, match="train_dir"):  # a mistyped folder, found after the output checks
+        pretrain(["--output_dir", out, *TINY, "--overwrite_output_dir", "--train_dir", tmp_path / "typo"])
+    assert (out / "checkpoints" / "checkpoint-3" / COMPLETE_MARKER).is_file()
+
+
 def test_resume_latest_does_not_take_over_a_foreign_non_empty_folder(tmp_path):
     out = tmp_path / "user"
     out.mkdir()
