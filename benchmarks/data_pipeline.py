@@ -30,7 +30,7 @@ import PIL.Image
 import torch
 from processor import RunMimBaseline  # `python benchmarks/data_pipeline.py` puts this folder on sys.path
 
-import simmim_hf.data
+import simmim_hf.decoding
 from simmim_hf import SimMIMConfig, SimMIMImageProcessor
 from simmim_hf.data import EpochShuffleSampler, ImageRows, SimMIMCollator, create_dataloader
 from simmim_hf.sample_data import load_sample_images
@@ -73,7 +73,7 @@ class PilDecoding:
         self.collator = collator
 
     def __call__(self, rows):
-        simmim_hf.data._simplejpeg = None
+        simmim_hf.decoding._simplejpeg = None
         return self.collator(rows)
 
 

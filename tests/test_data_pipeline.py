@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from simmim_hf import SimMIMConfig, SimMIMImageProcessor
-from simmim_hf.data import SimMIMCollator, decode_image, smallest_decode_size
+from simmim_hf.data import SimMIMCollator
+from simmim_hf.decoding import decode_image, smallest_decode_size
 
 
 def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -135,9 +136,9 @@ def test_jpegs_the_fast_path_cannot_take_fall_back_to_pil(processor, monkeypatch
     cell = _jpeg(_photo(120, 90))
     truncated = {"bytes": cell["bytes"][: len(cell["bytes"]) // 2], "path": None}
     assert decode_image(truncated) is None  # neither decoder accepts it: the collator replaces and counts it
-    import simmim_hf.data as data
+    import simmim_hf.decoding as decoding
 
-    monkeypatch.setattr(data, "_simplejpeg", None)  # without simplejpeg: PIL, same pixels
+    monkeypatch.setattr(decoding, "_simplejpeg", None)  # without simplejpeg: PIL, same pixels
     pil = decode_image(cell)
     assert isinstance(pil, Image.Image)
     np.testing.assert_array_equal(np.asarray(pil), _pil_decode(cell))
@@ -168,10 +169,10 @@ def test_decoded_images_are_upright_as_datasets_decodes_them(processor, monkeypa
     fast path and in PIL's; a reduced decode of a rotated photo is sized for the upright image."""
     import datasets
 
-    import simmim_hf.data as data
+    import simmim_hf.decoding as decoding
 
     if not fast:
-        monkeypatch.setattr(data, "_simplejpeg", None)
+        monkeypatch.setattr(decoding, "_simplejpeg", None)
     stored = _photo(90, 60, seed=2)
     for orientation in range(1, 9):
         exif = Image.Exif()
