@@ -98,16 +98,32 @@ def masked_image_modeling_loss(model, batch, state):
 
 @torch.no_grad()
 def evaluate(model, dataloader, accelerator) -> float:
-    """Mean masked-pixel loss over the evaluation set (center crops, masks fixed by (seed, index))."""
+    """Mean masked-pixel loss over the evaluation set (center crops, masks fixed by (seed, index)), each image
+    once: in a multi-process run the samples Accelerate repeats to fill the last batches (`even_batches`) are
+    masked out of the loss and not counted."""
     model.eval()
     totals = torch.zeros(2, device=accelerator.device)
     for batch in dataloader:
-        loss = model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"]).loss
-        size = batch["pixel_values"].shape[0]
-        totals += torch.stack([loss.float() * size, torch.tensor(float(size), device=totals.device)])
+        mask, size = batch["bool_masked_pos"], batch["pixel_values"].shape[0]
+        real = _real_samples(accelerator, size)
+        if real < size:
+            mask = mask.clone()
+            mask[real:] = False
+        loss = model(pixel_values=batch["pixel_values"], bool_masked_pos=mask).loss
+        totals += torch.stack([loss.float() * real, torch.tensor(float(real), device=totals.device)])
     model.train()
     loss_sum, count = accelerator.reduce(totals, reduction="sum").tolist()
     return loss_sum / max(count, 1.0)
+
+
+def _real_samples(accelerator, size: int) -> int:
+    """How many of this process's `size` samples in the current batch are not padding: the last batches of a
+    multi-process run are filled up with repeated samples, and `gather_for_metrics` keeps the first `remainder`
+    of the gathered (process-ordered) last batch."""
+    state = accelerator.gradient_state
+    if accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+        return size
+    return min(max(state.remainder - accelerator.process_index * size, 0), size)
 
 
 @torch.no_grad()

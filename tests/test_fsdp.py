@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "run_pretraining.py"
 ARGS = ["--preset", "vit-nano-p4-32", "--sample_data_repeats", "1", "--max_train_steps", "4", "--learning_rate", "1e-3",
-        "--warmup_steps", "1", "--logging_steps", "1", "--report_to", "none", "--dataloader_num_workers", "0"]
+        "--warmup_steps", "1", "--logging_steps", "1", "--report_to", "none", "--dataloader_num_workers", "0",
+        "--validation_split_percentage", "15"]  # 17 training photos, 3 evaluation photos
 FSDP_ARGS = [*ARGS, "--per_device_train_batch_size", "4", "--checkpointing_steps", "3"]
 
 
@@ -112,6 +113,9 @@ def test_fsdp_run_saves_a_loadable_model_that_trained_like_one_process(fsdp_runs
     assert pretrain(["--output_dir", tmp_path / "one", "--per_device_train_batch_size", "8", "--cpu", *ARGS]) == 0
     one = load_file(str(tmp_path / "one" / "model.safetensors"))
     assert _max_diff(fsdp, one) <= 2e-6, _max_diff(fsdp, one)
+    # Evaluation counts each of the 3 images once, although 2 processes get a (padded) batch each.
+    results = [json.loads((folder / "all_results.json").read_text())["eval_loss"] for folder in (full, tmp_path / "one")]
+    assert abs(results[0] - results[1]) <= 1e-5, results
 
 
 def test_fsdp_resume_from_a_sharded_checkpoint_is_exact(fsdp_runs):
@@ -168,7 +172,7 @@ def test_cpu_refuses_a_strategy_it_cannot_run(env, message, monkeypatch, tmp_pat
 
 
 def test_an_epoch_is_one_process_share_of_the_batches(fsdp_runs):
-    """The schedule's epoch is what each process steps through: 20 photos in full batches of 4 are 5 batches, of
-    which each of 2 processes gets 5 // 2 = 2 (not 5, which made --num_train_epochs run 2.5 times as long)."""
+    """The schedule's epoch is what each process steps through: 17 training photos in full batches of 4 are 4
+    batches, of which each of 2 processes gets 2 (not 4, which made --num_train_epochs run twice as long)."""
     assert "2 epochs of 2 steps" in fsdp_runs["full_log"], fsdp_runs["full_log"][-3000:]
     assert "step 2/4 epoch 0 " in fsdp_runs["full_log"] and "step 3/4 epoch 1 " in fsdp_runs["full_log"]
