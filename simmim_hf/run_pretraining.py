@@ -100,7 +100,8 @@ def masked_image_modeling_loss(model, batch, state):
 def evaluate(model, dataloader, accelerator) -> float:
     """Mean masked-pixel loss over the evaluation set (center crops, masks fixed by (seed, index)), each image
     once: in a multi-process run the samples Accelerate repeats to fill the last batches (`even_batches`) are
-    masked out of the loss and not counted."""
+    masked out of the loss and not counted (with `loss_area="all"`, which ignores the mask, a batch mixing both
+    still averages over its repeats)."""
     model.eval()
     totals = torch.zeros(2, device=accelerator.device)
     for batch in dataloader:
