@@ -241,7 +241,7 @@ class StreamingImageRows(IterableDataset):
     With DataLoader workers each worker streams its own shards and the loader takes batches from the workers
     in turn (batch k from worker k % W, for a fresh iterator), so `skip` rows consumed in total are
     `skip // batch_size` batches shared round-robin: each worker skips only the batches it produced. This needs
-    the loader's `batch_size` (given here, to `set_position`, or filled in by `create_dataloader`); with no
+    the loader's `batch_size` (given here, or filled in by `create_dataloader`); with no
     workers or a single one, exactly `skip` rows are skipped, as before."""
 
     def __init__(self, hf_dataset, image_column: str = "image", *, repeat: bool = True,
@@ -254,12 +254,8 @@ class StreamingImageRows(IterableDataset):
         self.batch_size = None if batch_size is None else int(batch_size)
         self.epoch, self.skip = 0, 0
 
-    def set_position(self, epoch: int, skip: int = 0, batch_size: int | None = None) -> None:
+    def set_position(self, epoch: int, skip: int = 0) -> None:
         """Start the next iteration `skip` rows (in total, over all DataLoader workers) into `epoch`."""
-        if batch_size is not None:
-            if int(batch_size) < 1:
-                raise ValueError(f"`batch_size` must be >= 1; got {batch_size}.")
-            self.batch_size = int(batch_size)
         self.epoch, self.skip = int(epoch), int(skip)
 
     def _worker_skip(self, info) -> int:

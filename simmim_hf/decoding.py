@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .image_processing_simmim import SimMIMImageProcessor
+from .image_processing_simmim import SimMIMImageProcessor, eval_resize_shape
 
 
 def decode_image(value, smallest_size=None):
@@ -45,12 +45,13 @@ def decode_image(value, smallest_size=None):
             if pixels is not None:
                 return _orient(pixels, orientation)
         image = Image.open(io.BytesIO(data))
+        orientation = _orientation(image)
         if smallest_size is not None and image.format == "JPEG":
-            target = _stored_target(smallest_size, *image.size, transposed=_orientation(image) >= 5)
+            target = _stored_target(smallest_size, *image.size, transposed=orientation >= 5)
             if target is not None:
                 image.draft(image.mode, target)
         image.load()  # force the full decode now: truncated files fail here, not in the processor
-        return ImageOps.exif_transpose(image) if _orientation(image) != 1 else image
+        return ImageOps.exif_transpose(image) if orientation != 1 else image
     except Exception:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, ...)
         return None
 
@@ -132,8 +133,6 @@ def smallest_decode_size(processor: SimMIMImageProcessor, do_train: bool):
     """For `decode_image`: the smallest image size at which every crop `processor` can take (training:
     RandomResizedCrop over `crop_scale` x `crop_ratio`; evaluation: the resize before the center crop) still
     covers the output size, so a reduced decode never makes the processor upsample."""
-    from .image_processing_simmim import eval_resize_shape
-
     out_h, out_w = processor.size["height"], processor.size["width"]
 
     def train(width: int, height: int):
