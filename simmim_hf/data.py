@@ -29,6 +29,7 @@ workers of different ranks draw different streams.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import random
@@ -238,11 +239,13 @@ class StreamingImageRows(IterableDataset):
     `repeat=False` (evaluation) makes one iteration a single pass over the stream, at epoch 0 unless
     `set_position` says otherwise, without reshuffling for a next epoch; an empty stream raises either way.
 
-    With DataLoader workers each worker streams its own shards and the loader takes batches from the workers
-    in turn (batch k from worker k % W, for a fresh iterator), so `skip` rows consumed in total are
-    `skip // batch_size` batches shared round-robin: each worker skips only the batches it produced. This needs
-    the loader's `batch_size` (given here, or filled in by `create_dataloader`); with no
-    workers or a single one, exactly `skip` rows are skipped, as before."""
+    With DataLoader workers each worker streams its own shards and a fresh loader takes batches from the A
+    workers that have shards in turn (batch k from worker k % A). Resuming B = `skip // batch_size` batches in,
+    worker w therefore plays the part of the uninterrupted run's worker (w + B) % A: it reads that worker's
+    shards and skips the batches that worker produced, so the resumed loader yields the uninterrupted batches
+    in their order, and any later resume holds the same arithmetic. This needs the loader's `batch_size`
+    (given here, or filled in by `create_dataloader`); with no workers or a single one, exactly `skip` rows are
+    skipped."""
 
     def __init__(self, hf_dataset, image_column: str = "image", *, repeat: bool = True,
                  batch_size: int | None = None):
@@ -258,20 +261,22 @@ class StreamingImageRows(IterableDataset):
         """Start the next iteration `skip` rows (in total, over all DataLoader workers) into `epoch`."""
         self.epoch, self.skip = int(epoch), int(skip)
 
-    def _worker_skip(self, info) -> int:
-        """The rows of `self.skip` that this DataLoader worker produced (see the class docstring)."""
-        if info is None or info.num_workers == 1 or self.skip == 0:
-            return self.skip
+    def _worker_part(self, info, num_shards: int) -> tuple[int, int]:
+        """(the uninterrupted run's worker this DataLoader worker stands in for, the rows it skips): see the
+        class docstring. Workers beyond the shard count idle, in both runs, and keep their own id."""
+        if info is None or info.num_workers == 1 or self.skip == 0 or info.id >= num_shards:
+            return (0 if info is None else info.id), self.skip
         if self.batch_size is None:
             raise RuntimeError(
                 f"StreamingImageRows cannot resume {self.skip} rows into the stream with {info.num_workers} "
                 "DataLoader workers without the batch size; pass `batch_size` (or build the loader with "
                 "`create_dataloader`).")
-        workers, worker = info.num_workers, info.id
+        active = min(info.num_workers, num_shards)
         batches, rest = divmod(self.skip, self.batch_size)
-        produced = -(-(batches - worker) // workers) if batches > worker else 0
-        # A partial batch (not what the training loop passes) belongs to the worker whose turn is next.
-        return produced * self.batch_size + (rest if worker == batches % workers else 0)
+        part = (info.id + batches) % active
+        produced = -(-(batches - part) // active) if batches > part else 0
+        # A partial batch (not what the training loop passes) belongs to the worker whose turn is next: worker 0.
+        return part, produced * self.batch_size + (rest if info.id == 0 else 0)
 
     @staticmethod
     def _key(value) -> int:
@@ -281,16 +286,17 @@ class StreamingImageRows(IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        epoch, skip = self.epoch, self._worker_skip(info)
         dataset = self.dataset
         if info is not None:
             # `datasets` keeps the epoch in shared memory, common to all workers: one worker moving on to its next
             # epoch would change the shard order another is about to read. A copy has an epoch of its own.
             dataset = copy.deepcopy(dataset)
+        part, skip = self._worker_part(info, dataset.num_shards)
+        epoch = self.epoch
         while True:
             dataset.set_epoch(epoch)
             produced = 0
-            for row in dataset:
+            for row in _iterate_as_worker(dataset, info, part):
                 produced += 1
                 if skip:
                     skip -= 1
@@ -298,12 +304,33 @@ class StreamingImageRows(IterableDataset):
                 value = row[self.image_column]
                 yield {"image": value, "index": self._key(value), "epoch": epoch}
             if produced == 0:
-                if info is not None and info.id >= dataset.num_shards:  # more workers than shards: this one idles
+                if info is not None and part >= dataset.num_shards:  # more workers than shards: this one idles
                     return
                 raise RuntimeError("The stream is empty: no rows.")
             if not self.repeat:
                 return
             epoch += 1
+
+
+def _iterate_as_worker(dataset, info, part: int):
+    """Iterate a `datasets.IterableDataset` in this DataLoader worker as worker `part` would: `datasets` picks a
+    worker's shards (and seeds its shuffle buffer) by `torch.utils.data.get_worker_info().id`, so that id reads
+    `part` while the dataset works, and this worker's own id everywhere else."""
+    if info is None or part == info.id:
+        yield from dataset
+        return
+    from torch.utils.data._utils import worker as torch_worker
+
+    stand_in, rows = dataclasses.replace(info, id=part), iter(dataset)
+    while True:
+        torch_worker._worker_info = stand_in
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        finally:
+            torch_worker._worker_info = info
+        yield row
 
 
 def create_dataloader(rows, batch_size: int, collate_fn, *, num_workers: int = 0, sampler=None,

@@ -226,7 +226,9 @@ def main(argv=None, callbacks=()) -> int:
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
         "max_train_steps": plan.max_train_steps, "train_samples": None if args.streaming else len(train_rows),
         "streaming": args.streaming, "peak_lr": plan.peak_lr, "warmup_steps": plan.warmup_steps,
-        "lr_scheduler_type": args.lr_scheduler_type, "milestones": list(plan.milestones)}
+        "lr_scheduler_type": args.lr_scheduler_type, "milestones": list(plan.milestones),
+        # Which DataLoader worker reads which shards decides a stream's batches.
+        "dataloader_num_workers": num_workers if args.streaming else None}
 
     if accelerator.is_main_process:
         accelerator.init_trackers(args.run_name or "simmim_pretraining", config={
