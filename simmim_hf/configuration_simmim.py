@@ -552,11 +552,14 @@ class SimMIMConfig(PretrainedConfig):
         """As transformers', plus validation of keyword overrides. transformers builds the config with
         `cls(**config_dict)` (validated in `__init__`, so a hand-edited config.json is checked) but then *assigns*
         keyword overrides such as `from_pretrained(path, mask_ratio=0.5)` with setattr, bypassing `__init__`; a
-        config changed that way is rebuilt once through `__init__`, which checks it as a whole."""
+        config changed that way is rebuilt once through `__init__`, which checks it as a whole and recomputes the
+        fields derived from others (`from_pretrained(path, patch_size=8)` changes `encoder_stride` too)."""
         result = super().from_dict(config_dict, **kwargs)
         config = result[0] if kwargs.get("return_unused_kwargs") else result
         if any(key in kwargs for key in cls._init_field_names()):
-            cls(**config.to_dict())
+            rebuilt = cls(**config.to_dict())
+            for key in rebuilt._derived_fields():
+                setattr(config, key, getattr(rebuilt, key))
         return result
 
     def _derived_fields(self) -> tuple[str, ...]:

@@ -231,6 +231,12 @@ def test_options_round_trip_through_save_pretrained_and_overrides(tmp_path):
         SimMIMConfig.from_preset(VIT).with_overrides("loss_area=everything")
     with pytest.raises(ValueError, match="`norm_target_patch_size`"):  # a load-time override is checked too
         SimMIMConfig.from_pretrained(tmp_path, norm_target_patch_size=6)
+    # ... and recomputes the fields derived from the overridden ones, so the model built from it fits together.
+    assert SimMIMConfig.from_pretrained(tmp_path, patch_size=8).encoder_stride == 8
+    SimMIMConfig.from_preset("swin-nano-w4-32").save_pretrained(tmp_path / "swin")
+    wider = SimMIMConfig.from_pretrained(tmp_path / "swin", embed_dim=32)
+    assert wider.hidden_size == 32 * 2 ** (len(wider.depths) - 1)
+    assert SimMIMForMaskedImageModeling(wider)(torch.randn(1, 3, 32, 32)).reconstruction.shape == (1, 3, 32, 32)
 
 
 # ---------------------------------------------------------------------------------------------- heads
