@@ -1218,6 +1218,9 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.simmim = SimMIMModel(config)
+        # Classification never masks: the mask token gets no gradient, and a trainable parameter without one stops
+        # DDP (`find_unused_parameters=False`) at the second step. Frozen, it stays out of the optimizer too.
+        self.simmim.embeddings.mask_token.requires_grad_(False)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 

@@ -74,6 +74,22 @@ def test_accelerate_launch_end_to_end_with_resolution_transfer(pretrained_dirs, 
     assert model(torch.zeros(1, 3, 48, 48)).logits.shape == (1, 10)
 
 
+def test_two_process_ddp_fine_tuning_runs(pretrained_dirs, tmp_path):
+    """DDP stops at the second step if a trainable parameter gets no gradient (the mask token, unused when
+    classifying, did): 2 gloo processes run 3 steps and evaluate."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+           "--model_name_or_path", str(pretrained_dirs["vit-nano-p4-32"]), "--output_dir", str(out), "--cpu", *TINY,
+           "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--dataloader_num_workers", "0"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    final = json.loads((out / "all_results.json").read_text())
+    assert len(final["history"]) == 1 and final["eval_samples"] == 32 and 0.0 <= final["best"]["accuracy"] <= 1.0
+
+
 def test_resume_reproduces_the_uninterrupted_run(run_finetune, tmp_path):
     full = tmp_path / "full"
     results, _ = run_finetune.run(["--preset", "vit-nano-p4-32", "--output_dir", str(full), *TINY,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from simmim_hf import SimMIMConfig, SimMIMForImageClassification
+from simmim_hf import SimMIMConfig, SimMIMForImageClassification, SimMIMForMaskedImageModeling
 from simmim_hf.optimization import LayerDecayLRScheduler, build_optimizer, build_param_groups, layer_decay_scales
 
 
@@ -30,14 +30,17 @@ def decay_of(groups):
 
 
 @pytest.mark.parametrize("which", ["vit", "swin"])
-def test_every_parameter_in_exactly_one_group(which, request):
+def test_every_trainable_parameter_in_exactly_one_group(which, request):
     model = request.getfixturevalue(which)
     groups = build_param_groups(model, weight_decay=0.05, layer_decay=0.75)
     names = [n for g in groups for n in g["param_names"]]
-    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    # A classifier never masks, so its mask token is frozen (DDP refuses trainable parameters without gradients).
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["simmim.embeddings.mask_token"]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters() if n not in frozen)
     assert len(names) == len(set(names))
     ids = {id(p) for g in groups for p in g["params"]}
-    assert len(ids) == len(names) == len(list(model.parameters()))
+    assert len(ids) == len(names) == len(list(model.parameters())) - 1
 
 
 def test_vit_layer_scales_hand_computed(vit):
@@ -84,11 +87,13 @@ def test_weight_decay_rules(vit, swin):
     for name in ("simmim.encoder.layers.0.attention.qkv.weight", "simmim.encoder.layers.0.mlp.fc1.weight",
                  "simmim.embeddings.projection.weight", "classifier.weight"):
         assert d[name] == 0.05, name
-    for name in ("simmim.embeddings.cls_token", "simmim.embeddings.mask_token", "simmim.embeddings.position_embeddings",
+    for name in ("simmim.embeddings.cls_token", "simmim.embeddings.position_embeddings",
                  "simmim.encoder.layers.0.attention.relative_position_bias.relative_position_bias_table",
                  "simmim.encoder.layers.0.lambda_1", "simmim.encoder.layers.0.attention.q_bias",
                  "simmim.encoder.layers.0.layernorm_before.weight", "classifier.bias", "simmim.pooler.layernorm.weight"):
         assert d[name] == 0.0, name
+    pretraining = SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("vit-nano-p4-32"))
+    assert decay_of(build_param_groups(pretraining, 0.05))["simmim.embeddings.mask_token"] == 0.0
     d = decay_of(build_param_groups(swin, 0.05))
     assert d["simmim.encoder.stages.0.downsample.reduction.weight"] == 0.05
     assert d["simmim.encoder.stages.0.blocks.0.attention.relative_position_bias.relative_position_bias_table"] == 0.0
