@@ -7,6 +7,7 @@ rather than re-deriving the model's pooling, so they hold whatever pooling the m
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -436,3 +437,24 @@ def test_linear_probe_evaluate_separates_linear_classes_and_not_shuffled_ones():
     assert again == good
     with pytest.raises(ValueError, match="same length"):
         linear_probe_evaluate(features[:10], labels[:9], features[:5], labels[:5])
+
+
+def test_top_k_accuracy_counts_ties_and_nan_scores_as_wrong():
+    """A constant or diverged (NaN) classifier scores 0, not 100 %: `best/` is chosen by this metric."""
+    from simmim_hf.metrics import load_metric
+
+    metric = load_metric("top_k_accuracy", num_process=1)
+    labels = np.array([0, 1, 2, 3, 4, 5])
+    logits = np.random.default_rng(0).normal(size=(6, 8))
+    expected_top1 = float((logits.argmax(1) == labels).mean())
+    expected_top5 = float((np.argsort(-logits, 1)[:, :5] == labels[:, None]).any(1).mean())
+    result = metric.compute(predictions=logits, references=labels, top_k=(1, 5))
+    assert result == {"accuracy": pytest.approx(expected_top1), "top5_accuracy": pytest.approx(expected_top5)}
+    assert metric.compute(predictions=np.zeros((6, 8)), references=labels, top_k=(1, 5)) == {
+        "accuracy": 0.0, "top5_accuracy": 0.0}
+    diverged = logits.copy()
+    diverged[:3] = np.nan
+    assert metric.compute(predictions=diverged, references=labels, top_k=(1,))["accuracy"] == pytest.approx(
+        float((logits.argmax(1)[3:] == labels[3:]).sum()) / 6)
+    with pytest.raises(ValueError, match=r"references.*\[0, 8\)"):
+        metric.compute(predictions=logits, references=labels + 3)

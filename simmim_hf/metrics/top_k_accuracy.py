@@ -7,7 +7,8 @@ import numpy as np
 _DESCRIPTION = """
 Fraction of examples whose reference label is among the k highest-scoring classes. `predictions` are the
 per-class scores (logits or probabilities) of each example, `references` the integer labels. `accuracy` is
-top-1 (identical to the `accuracy` metric applied to the argmax); `top{k}_accuracy` is reported for every
+top-1 (the `accuracy` metric applied to the argmax, except that a tie for the top score, or a NaN score,
+counts as wrong); `top{k}_accuracy` is reported for every
 other requested k that does not exceed the number of classes (top-5 of a 3-class problem would be 1.0
 by construction, so it is left out).
 """
@@ -53,10 +54,15 @@ class TopKAccuracy(evaluate.Metric):
                 f"{scores.shape} for {labels.shape[0]} references."
             )
         num_classes = scores.shape[1]
-        # Rank of the true class = number of classes scoring strictly higher; a tie counts in the true
-        # class's favour (exact ties are rare with float logits).
-        true_scores = scores[np.arange(len(labels)), labels]
-        rank = (scores > true_scores[:, None]).sum(axis=1)
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"`references` must be class indices in [0, {num_classes}); got values in "
+                             f"[{labels.min()}, {labels.max()}].")
+        # Rank of the true class = the other classes scoring at least as high: a tie counts against the example
+        # (bf16 logits tie often enough to inflate accuracy, and a constant output must not score 100 %), and
+        # so does any NaN score (a diverged model must not be selected as the best).
+        true_scores = scores[np.arange(len(labels)), labels][:, None]
+        rank = (scores > true_scores).sum(axis=1) + (scores == true_scores).sum(axis=1) - 1
+        rank[np.isnan(scores).any(axis=1)] = num_classes
         results = {"accuracy": float((rank < 1).mean())}
         for k in top_k:
             if k > 1 and k <= num_classes:
