@@ -93,7 +93,8 @@ class SimMIMImageProcessorKwargs(ImagesKwargs, total=False):
     return_uint8 (`bool`, *optional*, defaults to `False`):
         Return `pixel_values` as uint8 `(B, 3, H, W)` in 0..255, without rescaling or normalising: a quarter of
         the bytes to move from DataLoader workers to the accelerator, where `normalize_uint8` finishes the job
-        (as timm's prefetch loader does). Needs 8-bit images. Per call only, never saved.
+        (as timm's prefetch loader does). Images of more than 8 bits (16-bit PNG/TIFF, float arrays) are
+        resized at their own depth, then rounded to 8 bits. Per call only, never saved.
     """
 
     do_train: bool | None
@@ -398,9 +399,8 @@ class SimMIMImageProcessor(PilBackend):
             else:
                 pixels = _resize_center_crop(image, out_hw, crop_pct, eval_resample)
             is_8bit[i] = pixels.dtype == torch.uint8
-            if return_uint8 and not is_8bit[i]:
-                raise ValueError(f"`return_uint8=True` needs 8-bit images; image {i} has more than 8 bits per "
-                                 "channel or floating-point values.")
+            if return_uint8 and not is_8bit[i]:  # [0, 1] floats from a deeper image: what 8 bits can hold
+                pixels = pixels.mul(255.0).round_().clamp_(0, 255)
             pixel_values[i].copy_(pixels)  # uint8 (any strides) -> float32 CHW, conversion and layout in one pass
 
         if not return_uint8:

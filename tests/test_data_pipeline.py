@@ -50,10 +50,14 @@ def test_uint8_batches_normalised_on_the_device_equal_the_cpu_path(processor, do
                        other(images, do_train=do_train, return_tensors="pt", seed=[1, 2, 3])["pixel_values"])
 
 
-def test_uint8_output_needs_8bit_input_and_is_never_saved(processor, tmp_path):
+def test_uint8_output_rounds_deeper_images_to_8_bits_and_is_never_saved(processor, tmp_path):
+    # A 16-bit image (medical, scientific folders) is resized at its depth, then rounded: the training batch is
+    # its float batch to half a grey level, not a crash of the run.
     deep = np.random.default_rng(0).integers(0, 65535, (40, 40, 3), dtype=np.uint16)
-    with pytest.raises(ValueError, match="return_uint8=True.*8-bit"):
-        processor([deep], return_tensors="pt", return_uint8=True)
+    raw = processor([deep], return_tensors="pt", return_uint8=True, seed=[4])["pixel_values"]
+    floats = processor([deep], return_tensors="pt", seed=[4])["pixel_values"]
+    half_level = 0.5 / 255 / min(processor.image_std)
+    assert raw.dtype == torch.uint8 and (processor.normalize_uint8(raw) - floats).abs().max() <= half_level + 1e-6
     with pytest.raises(ValueError, match="uint8"):
         processor.normalize_uint8(torch.zeros(1, 3, 64, 64))
     processor.save_pretrained(tmp_path)

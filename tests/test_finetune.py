@@ -215,13 +215,15 @@ def test_a_truncated_jpeg_is_replaced_and_counted_not_a_crash(run_finetune, tmp_
     good = (tmp_path / "train" / "a" / "0.jpg").read_bytes()
     (tmp_path / "train" / "a" / "0.jpg").write_bytes(good[: len(good) // 2])  # truncated
     (tmp_path / "val" / "b" / "0.jpg").write_bytes(good[: len(good) // 3])
+    # A 16-bit greyscale PNG is readable: the uint8 training batch holds it rounded to 8 bits.
+    Image.fromarray(rng.integers(40000, 60000, (40, 40)).astype(np.uint16)).save(tmp_path / "train" / "b" / "deep.png")
     results, _ = run_finetune.run(["--preset", "vit-nano-p4-32", "--train_dir", str(tmp_path / "train"),
                                    "--validation_dir", str(tmp_path / "val"), "--output_dir", str(tmp_path / "out"),
                                    "--num_train_epochs", "2", "--per_device_train_batch_size", "4", "--seed", "0",
                                    "--learning_rate", "1e-3", "--warmup_epochs", "1"])
     assert results["unreadable_train_images"] == 2  # the one bad file, seen once per epoch
     assert [r["unreadable_images"] for r in results["history"]] == [1, 1]
-    assert results["train_samples"] == 12 and results["eval_samples"] == 6
+    assert results["train_samples"] == 13 and results["eval_samples"] == 6
 
 
 def test_collator_replaces_unreadable_rows_with_their_labels():
