@@ -33,6 +33,7 @@ import dataclasses
 import logging
 import os
 import random
+import signal
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -333,6 +334,15 @@ def _iterate_as_worker(dataset, info, part: int):
         yield row
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`. A stop signal sent to the whole process group (SLURM's `scancel` and
+    `--signal`, `kill -- -PGID`) reaches the workers too: one killed by it makes the training process raise
+    mid-checkpoint. The workers ignore it; the training process saves and exits, and its exit ends them."""
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def create_dataloader(rows, batch_size: int, collate_fn, *, num_workers: int = 0, sampler=None,
                       drop_last: bool = False, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over `ImageRows` / `StreamingImageRows` whose workers persist across epochs (the epoch comes
@@ -345,7 +355,7 @@ def create_dataloader(rows, batch_size: int, collate_fn, *, num_workers: int = 0
         rows.batch_size = int(batch_size)  # to resume with several workers (`StreamingImageRows.set_position`)
     return torch.utils.data.DataLoader(
         rows, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator().manual_seed(0), worker_init_fn=_leave_stop_signals_to_the_trainer,
         num_workers=num_workers, persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
         pin_memory=pin_memory)
 

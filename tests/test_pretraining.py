@@ -255,6 +255,35 @@ def test_two_process_ddp_equals_one_process_with_the_same_total_batch(tmp_path):
     assert settings["settings"]["num_processes"] == 2 and recorder.num_processes == 1
 
 
+def test_sigterm_to_the_whole_process_group_still_saves_a_checkpoint(tmp_path):
+    """`scancel` / `kill -- -PGID` signal the DataLoader workers too; a worker killed by it used to make the
+    training process raise in the middle of its preemption checkpoint, leaving nothing to resume from."""
+    import time
+
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "HF_TOKEN"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--preset", "vit-nano-p4-32", "--max_train_steps", "100000",
+         "--per_device_train_batch_size", "4", "--dataloader_num_workers", "1", "--logging_steps", "1",
+         "--report_to", "none", "--learning_rate", "1e-3", "--output_dir", str(out)],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        for line in proc.stdout:  # wait until training is under way, workers running
+            if "step 3/" in line or time.monotonic() > deadline:
+                break
+        os.killpg(proc.pid, signal.SIGTERM)
+        log = line + proc.stdout.read()
+        assert proc.wait(timeout=240) == 0, log[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    saved = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert saved and (saved[-1] / "checkpoint_complete.json").is_file(), log[-4000:]
+    assert "Received signal" in log and "Traceback" not in log
+
+
 def _weights_at_init() -> dict:
     from transformers import set_seed
 
