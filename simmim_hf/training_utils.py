@@ -473,10 +473,14 @@ class HubPusher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
 
         def create():
-            return self.api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            url = self.api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            # The Hub's full id ("user/name" for a bare "name"), which every later upload uses; also when a
+            # background retry is what succeeds (the single worker runs it before any upload).
+            self.repo_id = getattr(url, "repo_id", None) or repo_id
+            return url
 
         try:
-            url = create()
+            create()
         except Exception as err:  # noqa: BLE001 - network errors come in many types
             msg = self._describe(err)
             if not self.is_transient(err):
@@ -485,8 +489,6 @@ class HubPusher:
             logger.warning("Hub create_repo of %s failed (%s); retrying in the background while training goes on.",
                            repo_id, msg)
             self._setup = self._executor.submit(self._retry, f"create_repo of {repo_id}", create, None, 2, False)
-        else:
-            self.repo_id = getattr(url, "repo_id", None) or repo_id
 
     # -------------------------------------------------------------- error kinds
     @staticmethod

@@ -41,10 +41,11 @@ class FakeApi:
         self.create_threads.append(threading.current_thread())
         if self.create_errors:
             raise self.create_errors.pop(0)
-        return SimpleNamespace(repo_id=repo_id)
+        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"u/{repo_id}")  # the user's namespace
 
     def upload_folder(self, **kwargs):
         self.uploads += 1
+        self.upload_repo_ids = getattr(self, "upload_repo_ids", []) + [kwargs["repo_id"]]
         if self.upload_errors:
             raise self.upload_errors.pop(0)
         return "https://huggingface.co/u/r/commit/0"
@@ -91,6 +92,18 @@ def test_real_hfapi_in_offline_mode_fails_fast():
     with pytest.raises(HubPusher.PushError, match="HF_HUB_OFFLINE"):
         HubPusher("tester/simmim-offline")
     assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("first_try_fails", [False, True])
+def test_a_bare_repo_name_uploads_to_the_namespaced_repo(tmp_path, first_try_fails):
+    """`--hub_model_id name` (or the output folder's name): uploads go to the "user/name" the Hub created, also
+    when create_repo only succeeded on a background retry."""
+    api = FakeApi(create_errors=[ConnectionError("down")] if first_try_fails else [])
+    pusher = HubPusher("r", api=api, max_retries=3, backoff_seconds=0.01)
+    (tmp_path / "f.txt").write_text("x")
+    pusher.push(tmp_path, "m")
+    assert pusher.wait(timeout=30) is True
+    assert api.upload_repo_ids == ["u/r"] and pusher.repo_id == "u/r"
 
 
 def test_transient_create_repo_error_is_retried_in_the_background(tmp_path):
