@@ -90,6 +90,10 @@ class DataArguments(_Validated):
         super().__post_init__()
         _require(not (self.dataset_name and self.train_dir),
                  "--dataset_name and --train_dir are exclusive: pass one source of training images.")
+        _require(self.validation_dir is None or self.train_dir is not None,
+                 f"--validation_dir {self.validation_dir!r} goes with --train_dir (a local image folder); a Hub "
+                 "dataset's evaluation split is --validation_split, and the embedded data holds out "
+                 "--validation_split_percentage.")
         _require(0.0 <= self.validation_split_percentage < 100.0,
                  f"--validation_split_percentage must lie in [0, 100); got {self.validation_split_percentage}.")
         _require_positive(self, ("max_train_samples", "max_eval_samples"), optional=True)

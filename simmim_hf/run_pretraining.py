@@ -105,6 +105,8 @@ def evaluate(model, dataloader, accelerator) -> float:
     model.eval()
     totals = torch.zeros(2, device=accelerator.device)
     for batch in dataloader:
+        # A streamed evaluation set's loader is not prepared by Accelerate: its batches are still on the host.
+        batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
         mask, size = batch["bool_masked_pos"], batch["pixel_values"].shape[0]
         real = _real_samples(accelerator, size)
         if real < size:

@@ -117,6 +117,7 @@ def test_shared_flags_have_one_definition_and_the_same_defaults():
     (["--lr_scheduler_type", "multistep"], "--lr_milestones"),
     (["--max_grad_norm", "-1"], "--max_grad_norm must be >= 0; got -1.0"),
     (["--dataset_name", "a/b", "--train_dir", "x"], "exclusive"),
+    (["--validation_dir", "v"], "--validation_dir 'v' goes with --train_dir"),  # else silently no evaluation
     (["--hub_model_id", "u/r"], "only used with --push_to_hub"),
     (["--learning_rate", "0"], "--learning_rate must be > 0"),
 ])
