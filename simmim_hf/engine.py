@@ -17,6 +17,7 @@ the epoch and skips the batches already trained on.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -212,20 +213,31 @@ class TrainingLoop:
         """Restore the Accelerate state saved at `path` (collective) and return the position it stands for."""
         stored = self.checkpoints.load(path)
         logger.info(f"Resumed from checkpoint {path} (step {stored['step']})")
-        return TrainState(global_step=int(stored["step"]), epoch=int(stored.get("epoch", 0)),
-                          batches_in_epoch=int(stored.get("batches_in_epoch", 0)),
-                          extra=dict(stored.get("extra") or {}))
+        stats = stored.get("stats") or {}
+        state = TrainState(global_step=int(stored["step"]), epoch=int(stored.get("epoch", 0)),
+                           batches_in_epoch=int(stored.get("batches_in_epoch", 0)),
+                           last_loss=float("nan") if stats.get("last_loss") is None else float(stats["last_loss"]),
+                           skipped_steps=int(stats.get("skipped_steps", 0)),
+                           unreadable_images=int(stats.get("unreadable_images", 0)),
+                           extra=dict(stored.get("extra") or {}))
+        self.guard.total_skipped = state.skipped_steps  # the run's totals continue, as its results report them
+        return state
 
     def save_checkpoint(self, state: TrainState) -> Path:
         """Save a resumable checkpoint at the current step (collective). An epoch whose end hooks have run is stored
         as the start of the next one; one whose last batch is done but whose hooks have not (a signal, or a
         `checkpointing_steps` save, on its last step) stays at its end, so a resumed run runs them."""
+        if self._steps_since_log:  # the run's counts (skipped steps, unreadable images) up to this step go with it
+            self._log(state, None)
         epoch, batches = state.epoch, state.batches_in_epoch
         if (self.plan.steps_per_epoch is not None and not self.streaming and batches >= len(self.train_dataloader)
                 and self._epoch_end_step == state.global_step):
             epoch, batches = epoch + 1, 0
+        stats = {"last_loss": state.last_loss if math.isfinite(state.last_loss) else None,
+                 "skipped_steps": state.skipped_steps,
+                 "unreadable_images": state.unreadable_images}
         path = self.checkpoints.save(state.global_step, {"epoch": epoch, "batches_in_epoch": batches,
-                                                         "extra": state.extra})
+                                                         "stats": stats, "extra": state.extra})
         self.last_checkpoint_step = state.global_step
         logger.info(f"Saved checkpoint {path}")
         if self.on_checkpoint is not None:

@@ -39,7 +39,8 @@ def squared_error(model, batch, state):
     return torch.nn.functional.mse_loss(model(batch["pixel_values"]), batch["target"])
 
 
-def train(tmp_path, *, accumulation=1, steps=12, callbacks=(), compute_loss=squared_error, resume=False, fused=True):
+def train(tmp_path, *, accumulation=1, steps=12, callbacks=(), compute_loss=squared_error, resume=False, fused=True,
+          checkpointing_steps=None):
     from accelerate import Accelerator
 
     reset_accelerate()
@@ -59,8 +60,9 @@ def train(tmp_path, *, accumulation=1, steps=12, callbacks=(), compute_loss=squa
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     checkpoints = CheckpointManager(accelerator, tmp_path, total_limit=3)
     loop = TrainingLoop(accelerator, model, optimizer, scheduler, loader, compute_loss, plan, checkpoints,
-                        logging_steps=2, max_consecutive_nonfinite=3, callbacks=callbacks)
-    state = loop.resume(checkpoints.resolve("latest")) if resume else None
+                        logging_steps=2, max_consecutive_nonfinite=3, callbacks=callbacks,
+                        checkpointing_steps=checkpointing_steps)
+    state = loop.resume(checkpoints.resolve("latest" if resume is True else resume)) if resume else None
     return loop.run(state), accelerator.unwrap_model(model)
 
 
@@ -90,6 +92,22 @@ def test_a_non_finite_step_is_skipped_without_touching_the_weights(tmp_path, fus
     assert torch.equal(snapshots[4], snapshots[5])
     assert not torch.equal(snapshots[3], snapshots[4])  # the step before it did update
     assert state.skipped_steps == 1 and not state.stopped_early
+
+
+def test_a_resumed_run_keeps_the_counts_and_loss_of_the_steps_before_it(tmp_path):
+    """Skipped steps (and unreadable images, counted alike) up to a checkpoint between two logging steps are
+    saved with it: the resumed run's totals equal the uninterrupted run's, and so does its last loss."""
+    def poisoned(model, batch, state):
+        loss = squared_error(model, batch, state)
+        return loss * float("nan") if state.global_step == 2 else loss  # step 3, logged at 4 (every 2 steps)
+
+    full, _ = train(tmp_path, steps=6, compute_loss=poisoned, checkpointing_steps=3)
+    assert full.skipped_steps == 1
+    resumed, _ = train(tmp_path, steps=6, compute_loss=poisoned, checkpointing_steps=3,
+                       resume=str(tmp_path / "checkpoints" / "checkpoint-3"))
+    assert resumed.skipped_steps == 1 and resumed.last_loss == pytest.approx(full.last_loss)
+    finished, _ = train(tmp_path, steps=6, compute_loss=poisoned, resume=True)  # nothing left to train
+    assert finished.global_step == 6 and finished.last_loss == pytest.approx(full.last_loss)
 
 
 def test_sigterm_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
