@@ -445,7 +445,7 @@ class SimMIMConfig(PretrainedConfig):
         built = self.stage_window_sizes
         for s in range(stages):
             h, w = height // (p * 2**s), width // (p * 2**s)
-            if min(h, w) <= self.window_size < max(h, w):
+            if min(h, w) < self.window_size < max(h, w):
                 return (f"stage {s} has a non-square {h}x{w} token grid smaller than the window ({self.window_size}) "
                         f"on one side only; got {height}x{width}")
             if h % built[s] or w % built[s]:

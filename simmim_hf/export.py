@@ -19,8 +19,11 @@ outputs (hidden states, reconstruction, logits; tested to 1e-5) with these excep
 transformers' masked-image-modeling loss is the plain masked L1 (a SimMIM checkpoint trained with another loss or
 a normalised target still exports its exact reconstruction), and the pooled output of a bare BEiT / ViT export
 without `use_fc_norm` / `pooling="cls"` is BEiT's CLS token / ViT's tanh pooler (the hidden states are exact).
+For Swin and SwinV2 the last hidden state is exact, while the per-stage `hidden_states` differ in where they are
+taken: ours are each stage's output before its patch merging, transformers' after it.
 What cannot be represented exactly is refused with a ValueError naming the setting (e.g. a non-linear SimMIM head,
-a LayerNorm epsilon other than 1e-5 for Swin, absolute position embeddings for SwinV2).
+a LayerNorm epsilon other than 1e-5 for Swin, absolute position embeddings for SwinV2, a Swin stage smaller than
+the window, as in the paper's Swin-L at 192 px).
 
 The exported folders plug into transformers' downstream models: e.g. `SwinBackbone` / `Swinv2Backbone` as the
 backbone of `UperNetForSemanticSegmentation`, or `BeitForSemanticSegmentation` / `BeitBackbone` for the paper ViT.
@@ -139,6 +142,10 @@ def _swin_family_plan(config: SimMIMConfig, head: str) -> ExportPlan:
                 "embeddings (it sizes them for one token more than the patch grid)")
     if v2 and config.use_key_bias:
         _refuse(config, "use_key_bias=True", "transformers' Swinv2 has no key bias")
+    if not v2 and any(window != config.window_size for window in config.stage_window_sizes):
+        _refuse(config, f"window_size={config.window_size} with stage windows {config.stage_window_sizes}",
+                "a stage smaller than the window attends over its whole grid, with a smaller relative position "
+                "bias table, while transformers' Swin sizes every stage's table for window_size")
     family = "Swinv2" if v2 else "Swin"
     names = {"mim": "ForMaskedImageModeling", "classification": "ForImageClassification", "encoder": "Model"}
     hf_class = getattr(transformers, family + names[head])

@@ -410,17 +410,20 @@ class SimMIMShiftedWindowLayer(GradientCheckpointingLayer):
         """x (B, H, W, C) -> attention within (shifted) windows, (B, H*W, C), and the weights if asked."""
         height, width = grid
         b, _, _, c = x.shape
-        if self.shift_size:
-            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
+        # The rule of `_init_windows` at this input's grid: a side no longer than the window leaves nothing to
+        # shift (at a smaller input than the built one, a stage can shrink to one window per row or column).
+        shift = self.shift_size if min(height, width) > self.window_size else 0
+        if shift:
+            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
         windows = window_partition(x, self.window_size)  # (B, nW, w*w, C)
         attention_bias = None
-        if self.shift_size:
+        if shift:
             mask = self.shift_mask if grid == (self.resolution,) * 2 else self._shift_mask(height, width).to(x)
             attention_bias = mask.unsqueeze(1)  # (nW, 1, N, N): the same for every head
         attended, weights = self.attention(windows, attention_bias, output_attentions)
         x = window_reverse(attended, self.window_size, height, width)
-        if self.shift_size:
-            x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        if shift:
+            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
         return x.reshape(b, height * width, c), weights
 
 
@@ -923,6 +926,11 @@ class SimMIMModel(SimMIMPreTrainedModel):
             problem = config.swin_grid_error(height, width)  # the config's own rule, at this input's size
             if problem is not None:
                 raise ValueError(f"`pixel_values`: {problem}.")
+            if config.use_absolute_position_embeddings and (height, width) != (config.image_size,) * 2:
+                raise ValueError(
+                    f"`pixel_values` must be {config.image_size}x{config.image_size} for this Swin: its absolute "
+                    f"position embeddings are sized for {config.image_size}x{config.image_size} images; got "
+                    f"pixel_values of {height}x{width}.")
         if bool_masked_pos is not None:
             if not isinstance(bool_masked_pos, torch.Tensor):
                 raise ValueError(f"`bool_masked_pos` must be a torch.Tensor; got {type(bool_masked_pos).__name__}.")

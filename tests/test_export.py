@@ -156,6 +156,8 @@ def test_cli_folders_load_without_remote_code_or_simmim_hf(tmp_path):
     ("beit", SimMIMForImageClassification, dict(num_labels=3), "pooling='mean' and use_fc_norm=False"),
     ("vit", SimMIMForImageClassification, dict(num_labels=3, pooling="mean"), "pooling='mean'"),
     ("swin", SimMIMForMaskedImageModeling, dict(layer_norm_eps=1e-6), "layer_norm_eps"),
+    # The paper's Swin-L (window 12 at 192 px) has a last stage of 6x6 tokens; transformers' tables are all 12x12.
+    ("swin", SimMIMForMaskedImageModeling, dict(window_size=8), r"window_size=8 with stage windows \[8, 8, 4\]"),
     ("swinv2", SimMIMForMaskedImageModeling, dict(use_absolute_position_embeddings=True), "absolute position"),
     ("swinv2", SimMIMForMaskedImageModeling, dict(head_type="mlp"), "head_type='mlp'"),
 ])

@@ -328,6 +328,31 @@ def tiny_models():
     return {kind: make_model(kind).eval() for kind in ("vit", "swin")}
 
 
+@pytest.mark.parametrize("preset", ["swin-nano-w4-32", "swinv2-nano-w4-32"])
+def test_a_swin_at_a_smaller_input_computes_what_a_model_built_at_that_size_does(preset):
+    """Built at 64 px, stage 2 is 8x8 tokens and shifts its 4x4 windows; at 32 px it is one 4x4 window, where
+    Swin does not shift (as a model built at 32 px, and transformers' Swin, decide at run time)."""
+    torch.manual_seed(0)
+    big = SimMIMModel(SimMIMConfig.from_preset(preset, image_size=64, mask_patch_size=16)).eval()
+    small = SimMIMModel(SimMIMConfig.from_preset(preset)).eval()
+    with torch.no_grad():
+        for param in big.parameters():
+            param.add_(torch.randn_like(param) * 0.05)  # away from the zero-initialised post-norms and biases
+    small.load_state_dict(big.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(big(x).last_hidden_state, small(x).last_hidden_state, rtol=0, atol=1e-5)
+
+
+def test_swin_grids_one_window_high_are_accepted_and_absolute_positions_need_the_built_size():
+    model = SimMIMModel(SimMIMConfig.from_preset("swin-nano-w4-32")).eval()
+    # 32x64: the last stage is 4x8 tokens, one window high: windows tile it exactly (it was refused).
+    assert model(torch.randn(1, 3, 32, 64)).last_hidden_state.shape == (1, 4 * 8, model.config.hidden_size)
+    absolute = SimMIMModel(SimMIMConfig.from_preset("swin-nano-w4-32", use_absolute_position_embeddings=True))
+    with pytest.raises(ValueError, match=r"must be 32x32 for this Swin: its absolute position embeddings"):
+        absolute(torch.randn(1, 3, 64, 64))
+
+
 INPUT_ERRORS = [
     ("vit", None, None, r"`pixel_values` is required"),
     ("vit", (2, 1, 32, 32), None, r"`pixel_values` must have shape \(batch, 3, height, width\); got \(2, 1, 32, 32\)"),
@@ -336,7 +361,7 @@ INPUT_ERRORS = [
     ("vit", (2, 3, 64, 64), None, r"sized for 32x32 images; got pixel_values of 64x64"),
     ("swin", (2, 3, 36, 32), None, r"divisible by patch_size=2; got 36x32|patch_size \* 2\*\*\(stages-1\) = 8; got 36x32"),
     ("swin", (2, 3, 40, 40), None, r"stage 1 has a 10x10 token grid, but its blocks attend in 4x4 windows"),
-    ("swin", (2, 3, 64, 16), None, r"stage 1 has a non-square 16x4 token grid smaller than the window"),
+    ("swin", (2, 3, 64, 16), None, r"stage 2 has a non-square 8x2 token grid smaller than the window"),
     ("vit", (2, 3, 32, 32), (2, 63), r"`bool_masked_pos` must have shape \(batch, \(H/p\)\*\(W/p\)\) = \(2, 64\).*got \(2, 63\)"),
     ("swin", (2, 3, 32, 32), (2, 16, 16), r"= \(2, 256\).*got \(2, 16, 16\)"),
     ("vit", (2, 3, 32, 32), "float", r"`bool_masked_pos` must be boolean \(or 0/1 integers\); got torch.float32"),
