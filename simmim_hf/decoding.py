@@ -38,7 +38,7 @@ def decode_image(value, smallest_size=None):
     try:
         data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (None, value)
         if data is None:
-            data = Path(path).read_bytes()
+            data = _read_file(path)
         if _simplejpeg is not None and data[:3] == _JPEG_MAGIC:
             orientation = _jpeg_exif_orientation(data)
             pixels = _decode_jpeg(data, smallest_size, transposed=orientation >= 5)
@@ -54,6 +54,17 @@ def decode_image(value, smallest_size=None):
         return ImageOps.exif_transpose(image) if orientation != 1 else image
     except Exception:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, ...)
         return None
+
+
+def _read_file(path) -> bytes:
+    """A local file's bytes, or (as `datasets.Image` does) a remote or archived one's through `datasets`' `xopen`:
+    a streamed image folder's cells are paths such as `zip://img.jpg::<archive>` or `hf://datasets/...`."""
+    from datasets.utils.file_utils import is_local_path, xopen
+
+    if is_local_path(str(path)):
+        return Path(path).read_bytes()
+    with xopen(str(path), "rb") as file:
+        return file.read()
 
 
 try:  # libjpeg-turbo straight into numpy; PIL decodes JPEGs where it is missing

@@ -238,3 +238,23 @@ def test_finetuning_never_selects_on_a_test_split_unless_asked(tmp_path):
     train, evaluation, _, _ = load_classification_data(
         parse_args(FinetuningArguments, [*base, "--validation_split", "test"]), 32)[:4]
     assert (len(train), len(evaluation)) == (20, 8)
+
+
+def test_a_streamed_archive_of_images_decodes(processor, tmp_path):
+    """A streamed image folder in an archive (or on the Hub) gives cells with a `zip://...` / `hf://...` path and
+    no bytes: they are read as `datasets` reads them, not reported unreadable."""
+    import zipfile
+
+    import datasets
+
+    from simmim_hf.data import StreamingImageRows
+
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as archive:
+        for i in range(3):
+            archive.writestr(f"{i}.jpg", _jpeg(_photo(70, 60, seed=i))["bytes"])
+    stream = datasets.load_dataset("imagefolder", data_files={"train": str(tmp_path / "images.zip")}, split="train",
+                                   streaming=True)
+    rows = list(StreamingImageRows(stream, repeat=False))
+    assert rows[0]["image"]["bytes"] is None and rows[0]["image"]["path"].startswith("zip://")
+    batch = SimMIMCollator(processor, seed=0, do_train=True, return_mask=True)(rows)
+    assert batch["pixel_values"].shape == (3, 3, 64, 64) and int(batch["num_unreadable"]) == 0
