@@ -65,11 +65,18 @@ class _SeededProcessing:
         self.index_column = index_column
         self.keep_columns = tuple(keep_columns)
         self.processor_kwargs = processor_kwargs
-        self.epoch = 0
+        # In shared memory: persistent DataLoader workers hold a copy of this object made at their start, and
+        # `set_epoch` in the training process must still reach them.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the per-sample seeds are drawn for (call before creating the epoch's iterator)."""
-        self.epoch = int(epoch)
+        """Select the epoch the per-sample seeds are drawn for (call before creating the epoch's iterator; it
+        reaches persistent DataLoader workers too)."""
+        self._epoch.fill_(int(epoch))
 
 
 class SimMIMTransform(_SeededProcessing):

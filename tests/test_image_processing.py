@@ -535,6 +535,24 @@ def test_dataloader_workers_do_not_change_samples():
     assert len({m.numpy().tobytes() for m in reference}) == 8
 
 
+def test_set_epoch_reaches_persistent_dataloader_workers():
+    """Persistent workers hold the copy of the transform they started with: the epoch is shared with them, so
+    each epoch still gets its own crops and masks."""
+    datasets = pytest.importorskip("datasets")
+    dataset = datasets.Dataset.from_dict({"image": [rgb(30, 30, seed=i) for i in range(4)], "index": list(range(4))})
+    dataset = dataset.cast_column("image", datasets.Image())
+    transform = SimMIMTransform(tiny_processor(), seed=7, index_column="index")
+    dataset.set_transform(transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=simmim_collate_fn, num_workers=1,
+                                         persistent_workers=True)
+    per_epoch = []
+    for epoch in range(2):
+        transform.set_epoch(epoch)
+        per_epoch.append(torch.cat([batch["bool_masked_pos"] for batch in loader]))
+    assert torch.equal(per_epoch[1], dataset[0:4]["bool_masked_pos"])  # epoch 1's masks, computed here
+    assert not torch.equal(per_epoch[0], per_epoch[1])
+
+
 def test_seed_worker_differs_across_ranks_and_workers():
     def stream(rank, worker_id):
         torch.manual_seed(0)  # every rank's main process seeded identically, e.g. by set_seed(0)
