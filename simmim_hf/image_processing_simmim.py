@@ -423,12 +423,12 @@ class SimMIMImageProcessor(PilBackend):
     def _rescale_and_normalize(pixel_values, is_8bit, do_rescale, rescale_factor, do_normalize, image_mean,
                                image_std) -> torch.Tensor:
         """In place: x * (rescale / std) - mean / std, rescaling and normalisation fused into two passes. Float
-        inputs are already in [0, 1]; only 8-bit data is rescaled (or left in 0..255 if do_rescale=False)."""
+        inputs are already in [0, 1] and never rescaled; 8-bit data is rescaled unless do_rescale=False, which
+        (as in transformers, whose warning suggests it for inputs already in [0, 1]) leaves values as they are."""
         options = dict(dtype=torch.float32, device=pixel_values.device)
         mean = torch.tensor(image_mean if do_normalize else (0.0, 0.0, 0.0), **options).view(1, 3, 1, 1)
         std = torch.tensor(image_std if do_normalize else (1.0, 1.0, 1.0), **options).view(1, 3, 1, 1)
-        scale = torch.where(is_8bit.to(pixel_values.device), rescale_factor if do_rescale else 1.0,
-                            1.0 if do_rescale else 255.0)
+        scale = torch.where(is_8bit.to(pixel_values.device), rescale_factor if do_rescale else 1.0, 1.0)
         pixel_values.mul_(scale.view(-1, 1, 1, 1) / std)
         if do_normalize:
             pixel_values.sub_(mean / std)

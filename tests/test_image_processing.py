@@ -573,3 +573,16 @@ def test_sample_seed_and_transform_errors():
         SimMIMTransform(tiny_processor(), seed=3, index_column="index")({"image": [rgb(9, 9)]})
     with pytest.raises(ValueError, match=r"`examples` is empty"):
         simmim_collate_fn([])
+
+
+@pytest.mark.parametrize("do_rescale", [True, False])
+def test_do_rescale_false_leaves_values_as_they_are(do_rescale):
+    """As in transformers (whose warning suggests `do_rescale=False` for inputs already in [0, 1]): float inputs
+    are never rescaled, and 8-bit ones are only with `do_rescale=True`."""
+    processor = tiny_processor(do_rescale=do_rescale)
+    mean, std = torch.tensor(processor.image_mean).view(3, 1, 1), torch.tensor(processor.image_std).view(3, 1, 1)
+    floats = processor([np.full((40, 40, 3), 0.5, dtype=np.float32)], do_train=False, return_tensors="pt")
+    torch.testing.assert_close(floats["pixel_values"][0], ((0.5 - mean) / std).expand(3, 32, 32))
+    bytes_ = processor([np.full((40, 40, 3), 128, dtype=np.uint8)], do_train=False, return_tensors="pt")
+    value = 128 / 255 if do_rescale else 128.0
+    torch.testing.assert_close(bytes_["pixel_values"][0], ((value - mean) / std).expand(3, 32, 32))
