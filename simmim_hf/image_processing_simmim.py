@@ -547,15 +547,21 @@ def _resample(image, box, out_hw, resample) -> torch.Tensor:
     """Resize the region `box` = (left, top, right, bottom) of `image` (all of it if `None`) to `out_hw` with
     PIL; returns a `(3, H, W)` tensor, uint8 for a PIL RGB image, float32 for a float working image.
 
-    transformers' `image_transforms.resize` is bypassed: it round-trips numpy -> PIL -> numpy per call
-    and has no `box`, which costs a crop copy and two conversions per image.
+    transformers' `image_transforms.resize` is bypassed: it round-trips numpy -> PIL -> numpy per call.
     """
     size = (out_hw[1], out_hw[0])
     image = _as_pil(image)
+    # Crop, then resize (as torchvision's RandomResizedCrop and the uint8 path do): PIL's `resize(box=...)` would
+    # let the filter reach pixels outside the box.
     if isinstance(image, PIL.Image.Image):
+        region = image.crop(box) if box is not None else image
         # np.array, not np.asarray: torch.from_numpy warns on the read-only view.
-        return torch.from_numpy(np.array(image.resize(size, resample=resample, box=box))).permute(2, 0, 1)
-    planes = [np.asarray(PIL.Image.fromarray(plane).resize(size, resample=resample, box=box)) for plane in image]
+        return torch.from_numpy(np.array(region.resize(size, resample=resample))).permute(2, 0, 1)
+    if box is not None:
+        left, top, right, bottom = box
+        image = image[:, top:bottom, left:right]
+    planes = [np.asarray(PIL.Image.fromarray(np.ascontiguousarray(plane)).resize(size, resample=resample))
+              for plane in image]
     # Bicubic overshoots; clip like the uint8 path (which PIL saturates) so both stay in [0, 1].
     return torch.from_numpy(np.clip(np.stack(planes), 0.0, 1.0))
 

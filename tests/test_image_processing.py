@@ -586,3 +586,23 @@ def test_do_rescale_false_leaves_values_as_they_are(do_rescale):
     bytes_ = processor([np.full((40, 40, 3), 128, dtype=np.uint8)], do_train=False, return_tensors="pt")
     value = 128 / 255 if do_rescale else 128.0
     torch.testing.assert_close(bytes_["pixel_values"][0], ((value - mean) / std).expand(3, 32, 32))
+
+
+@pytest.mark.parametrize("kind", ["float", "uint16", "bicubic"])
+def test_a_training_crop_never_reads_pixels_outside_it(kind):
+    """Crop, then resize (torchvision's RandomResizedCrop), on every path: the image is white inside the crop this
+    seed draws and black outside, so every output pixel must be white."""
+    from simmim_hf.image_processing_simmim import _crop_params
+
+    seed, height, width = 3, 90, 120
+    uniforms = torch.rand(41, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
+    processor = tiny_processor(do_normalize=False, flip_prob=0.0)
+    top, left, h, w = _crop_params(height, width, processor.crop_scale, processor.crop_ratio, uniforms[:40])
+    inside = np.zeros((height, width, 3), dtype=np.float32)
+    inside[top:top + h, left:left + w] = 1.0
+    image = {"float": inside, "uint16": (inside * 65535).astype(np.uint16),
+             "bicubic": (inside * 255).astype(np.uint8)}[kind]
+    resample = PIL.Image.BICUBIC if kind == "bicubic" else None
+    out = processor([image], do_train=True, return_tensors="pt", seed=[seed],
+                    **({"resample": resample} if resample is not None else {}))["pixel_values"]
+    assert out.min() >= 1.0 - 1e-6, out.min()
