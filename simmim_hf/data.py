@@ -152,7 +152,11 @@ class SimMIMCollator(_SeededProcessing):
         super().__init__(processor, seed, image_column, index_column, keep_columns, processor_kwargs)
         self.count_unreadable = count_unreadable  # False for `transformers.Trainer`: it passes every key to the model
         do_train = processor_kwargs.get("do_train", processor.do_train)
-        self.smallest_size = smallest_decode_size(processor, do_train) if reduced_decoding else None
+        # The reduction is sized for the crops the processor will take: with this call's geometry, if it has one.
+        geometry = {key: value for key, value in processor_kwargs.items()
+                    if key in ("size", "crop_scale", "crop_ratio", "crop_pct")}
+        sizing = type(processor).from_dict({**processor.to_dict(), **geometry}) if geometry else processor
+        self.smallest_size = smallest_decode_size(sizing, do_train) if reduced_decoding else None
 
     def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         if len(rows) == 0:

@@ -258,3 +258,15 @@ def test_a_streamed_archive_of_images_decodes(processor, tmp_path):
     assert rows[0]["image"]["bytes"] is None and rows[0]["image"]["path"].startswith("zip://")
     batch = SimMIMCollator(processor, seed=0, do_train=True, return_mask=True)(rows)
     assert batch["pixel_values"].shape == (3, 3, 64, 64) and int(batch["num_unreadable"]) == 0
+
+
+def test_reduced_decoding_follows_the_collators_own_output_size(processor):
+    """A per-call `size` (or crop setting) given to the collator sizes the reduced decode too: an 800 px JPEG
+    for a 384 px output is not decoded at 100 px and upsampled."""
+    cell = _jpeg(_photo(800, 800))
+    collator = SimMIMCollator(processor, seed=0, do_train=False, size={"height": 384, "width": 384})
+    target = collator.smallest_size(800, 800)
+    assert target is None or min(target) >= int(384 / processor.crop_pct)
+    decoded = decode_image(cell, collator.smallest_size)
+    assert min(_size(decoded)) >= 384
+    assert collator([{"image": cell, "index": 0, "epoch": 0}])["pixel_values"].shape == (1, 3, 384, 384)
