@@ -76,6 +76,14 @@ def write_pretraining_card(folder, args, config, model_source: str, data_descrip
     )
 
 
+def _probe_features(config, layer: int | None) -> str:
+    """What `evaluation.LinearProbe` classifies: pooled features of hidden state `layer` (or the encoder's pooled
+    output), normalised by a LayerNorm without affine weights."""
+    pooled = f"mean of hidden state {layer}'s patch tokens" if layer is not None else \
+        f"the encoder's pooled output ({_pooling(config)})"
+    return pooled + ", then a LayerNorm without affine weights"
+
+
 def _pooling(config) -> str:
     if config.use_fc_norm:
         return "LayerNorm of the mean patch token (fc_norm, no final norm)"
@@ -105,7 +113,8 @@ def write_finetuning_card(folder, args, config, results: dict, data_description:
         "finetuning.md", folder, card_data,
         summary=f"{'Linear probe' if args.linear_probe else 'Fine-tuning'} of a SimMIM encoder on {data_description}: "
                 f"best accuracy {best['accuracy'] * 100:.2f} % (epoch {best['epoch']}).",
-        model_name=name, repo_id=name, mode="linear probe" if args.linear_probe else "fine-tuning",
+        model_name=name, repo_id=args.hub_model_id or "path/to/this/folder",
+        mode="linear probe" if args.linear_probe else "fine-tuning",
         linear_probe=args.linear_probe, probe_layer=args.probe_layer,
         base_model=base or f"none (random init, preset `{args.preset}`)",
         base_model_link=(f"[{base}](https://huggingface.co/{base})" if is_hub_id else
@@ -119,7 +128,8 @@ def write_finetuning_card(folder, args, config, results: dict, data_description:
         layer_decay=layer_decay if layer_decay is not None else "none", weight_decay=args.weight_decay,
         drop_path_rate=config.drop_path_rate, label_smoothing=args.label_smoothing, mixup=args.mixup,
         cutmix=args.cutmix, mixed_precision=accelerator.mixed_precision, augmentation=augmentation,
-        pooling=_pooling(config), best_epoch=best["epoch"], best_accuracy=f"{best['accuracy'] * 100:.2f}",
+        pooling=_probe_features(config, args.probe_layer) if args.linear_probe else _pooling(config),
+        best_epoch=best["epoch"], best_accuracy=f"{best['accuracy'] * 100:.2f}",
         best_top5=f"{best['top5_accuracy'] * 100:.2f}" if "top5_accuracy" in best else None,
         results_rows="\n".join(rows), seed=args.seed,
     )

@@ -249,3 +249,9 @@ def test_model_card_states_the_augmentation_and_the_features(run_finetune, tmp_p
     card = (tmp_path / "o" / "best" / "README.md").read_text()
     assert "RandAugment rand-m9-mstd0.5-inc1" in card and "4-px padded" in card and "pixel" in card
     assert "fc_norm" in card
+    # Its snippet loads this folder (`best/` holds the model; the run's folder has no config.json).
+    assert 'from_pretrained("path/to/this/folder"' in card
+    run_finetune.run(["--preset", "vit-nano-p4-32", "--output_dir", str(tmp_path / "p"), *TINY, "--num_train_epochs",
+                      "1", "--linear_probe", "--probe_layer", "1"])
+    probe_card = next((tmp_path / "p").rglob("README.md")).read_text()
+    assert "mean of hidden state 1's patch tokens, then a LayerNorm without affine weights" in probe_card
