@@ -839,8 +839,12 @@ class SimMIMPreTrainedModel(PreTrainedModel):
         """Depth of a parameter for layer-wise lr decay, as in the official fine-tuning code: 0 for the
         embeddings, i + 1 for the i-th block counted through all stages (a Swin patch merging belongs with the
         last block of its stage), `num_layers_for_decay + 1` for everything after the encoder (final norm,
-        heads) and for a shared ViT relative position bias, which the official code also trains at full lr."""
+        heads) and for a shared ViT relative position bias, which the official code also trains at full lr, as
+        it does a Swin's absolute position embeddings (`get_swin_layer` puts only the patch embedding and the
+        mask token at 0)."""
         name = name.removeprefix(f"{self.base_model_prefix}.")
+        if name == "embeddings.position_embeddings" and self.config.encoder_type in ("swin", "swinv2"):
+            return self.config.num_layers_for_decay + 1
         if name.startswith("embeddings."):
             return 0
         parts = name.split(".")

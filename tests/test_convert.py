@@ -154,6 +154,19 @@ def test_official_state_dict_in_other_formats(tmp_path, suffix):
     assert_reproduces_fixture(convert_official_checkpoint(path, mask_patch_size=8), "swin_tiny")
 
 
+def test_a_checkpoint_with_numpy_scalars_loads(tmp_path):
+    """Official training checkpoints may carry `max_accuracy` as a numpy scalar: torch.save (pickle protocol 2)
+    stores its bytes through `_codecs.encode`, which the safe loader must accept."""
+    import numpy as np
+
+    checkpoint = load_checkpoint_file(FIXTURES / "vit_tiny.pth")
+    path = tmp_path / "with_numpy.pth"
+    torch.save({**checkpoint, "max_accuracy": np.float64(83.8), "epoch": np.int64(799)}, path)
+    loaded = load_checkpoint_file(path)
+    assert loaded["max_accuracy"] == 83.8 and loaded["epoch"] == 799
+    assert_reproduces_fixture(convert_official_checkpoint(path), "vit_tiny")
+
+
 def test_yacs_config_read_as_plain_dict_without_yacs():
     checkpoint = load_checkpoint_file(FIXTURES / "vit_tiny.pth")
     assert type(checkpoint["config"]) is dict and type(checkpoint["config"]["DATA"]) is dict

@@ -124,6 +124,17 @@ def test_official_checkpoint_recipe_settings_come_from_its_config_or_the_swinv2_
                                        norm_target_patch_size=0).config.norm_target_patch_size is None
 
 
+def test_a_half_precision_release_converts(tmp_path):
+    """A checkpoint cast to fp16 (to halve a release's size) stores its coordinate tables rounded: they are
+    checked at that precision, and the converted model computes what the fp16 weights say."""
+    checkpoint = load_checkpoint_file(FIXTURES / "swinv2_tiny.pth")
+    half = {key: value.half() if value.is_floating_point() else value for key, value in checkpoint["model"].items()}
+    torch.save({**checkpoint, "model": half}, tmp_path / "half.pth")
+    model = convert_official_checkpoint(tmp_path / "half.pth", norm_target_patch_size=SPEC["norm_target_patch_size"])
+    assert model.config.window_size == SPEC["window_size"]
+    assert torch.equal(model.simmim.embeddings.projection.weight, half["encoder.patch_embed.proj.weight"].float())
+
+
 def test_older_rpe_mlp_naming_and_stripped_buffers(tmp_path):
     state_dict = {key.replace("cpb_mlp", "rpe_mlp"): value for key, value in official_state_dict().items()}
     assert any("rpe_mlp" in key for key in state_dict)
@@ -450,6 +461,9 @@ def test_layer_decay_ids_follow_the_official_get_swin_layer():
     }
     assert {name: model.get_layer_id_for_lr_decay(name) for name in expected} == expected
     assert model.config.num_layers_for_decay == 6
+    # `get_swin_layer` sends only the patch embedding and the mask token to 0: absolute positions train at full lr.
+    absolute = make_model(SimMIMForImageClassification, num_labels=3, use_absolute_position_embeddings=True)
+    assert absolute.get_layer_id_for_lr_decay("simmim.embeddings.position_embeddings") == 7
 
 
 def test_no_weight_decay_on_the_position_bias_mlp_and_logit_scales():
