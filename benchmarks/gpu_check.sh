@@ -72,10 +72,11 @@ part3() {
     local preset batch
     for preset in vit-nano-p4-32 vit-base-p16-224; do
         batch=$([ "$preset" = vit-nano-p4-32 ] && echo 64 || echo 128)
-        timed 75 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
-            examples/run_pretraining.py --preset "$preset" --mixed_precision bf16 \
+        timed 75 $PY -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision bf16 \
+            --dynamo_backend no examples/run_pretraining.py --preset "$preset" --mixed_precision bf16 \
             --per_device_train_batch_size "$batch" --sample_data_repeats 64 --max_train_steps 30 --logging_steps 10 \
-            --learning_rate 1e-3 --output_dir "/tmp/simmim-gpu-$preset" > "$RESULTS_DIR/pretrain-$preset.log" 2>&1
+            --learning_rate 1e-3 --output_dir "/tmp/simmim-gpu-$preset" --overwrite_output_dir \
+            > "$RESULTS_DIR/pretrain-$preset.log" 2>&1
         echo "$preset exit=$?"
         grep -E "step (10|20|30|40)/|Num processes|images/s|SKIPPED" "$RESULTS_DIR/pretrain-$preset.log" \
             | grep -v "it/s\]" | tail -6
@@ -90,13 +91,15 @@ part4() {
         --json "$RESULTS_DIR/mfu.json" 2>&1 | tee "$RESULTS_DIR/mfu.log" | grep -v Warning
     timed 300 $PY benchmarks/scale.py loop --device cuda --dtype bf16 --compile --batch_sizes 128 \
         --json "$RESULTS_DIR/loop.json" > "$RESULTS_DIR/loop.log" 2>&1
-    grep -E "loop/bare|SKIPPED" "$RESULTS_DIR/loop.log"
+    grep -E "loop rate|loop/bare|SKIPPED|Error" "$RESULTS_DIR/loop.log"
     timed 150 $PY benchmarks/scale.py memory --device cuda --dtype bf16 --json "$RESULTS_DIR/memory.json" 2>&1 \
         | tee "$RESULTS_DIR/memory.log" | grep -v Warning
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
+# Every part imports the package and its data stack: stop at once, not part by part, if one is missing.
+$PY -c "import simmim_hf, datasets, evaluate, kornia, simplejpeg" || { echo "missing packages: see the error above" >&2; exit 1; }
 for step in $STEPS; do
     case $step in
         1 | 2 | 3 | 4) "part$step" ;;

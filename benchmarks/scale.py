@@ -247,6 +247,9 @@ def run_loop(args) -> dict:
         pretrain(argv, callbacks=[Rates()])
     steady = logged[1:] or logged  # the first interval holds worker start-up and compilation
     loop_rate = statistics.median(steady)
+    # Printed now: the bare step compiles again, and a time limit there must not lose the loop's figure.
+    print(f"{preset} batch {batch_size} {args.dtype} compile={args.compile}: loop rate {loop_rate:.1f} images/s "
+          f"(median of {len(steady)} logged intervals)", flush=True)
     bare = time_step(preset, batch_size, device, args.dtype, args.compile, args.warmup, args.iters)
     print(f"{preset} batch {batch_size} {args.dtype} compile={args.compile}: loop {loop_rate:.1f} images/s "
           f"(median of {len(steady)} logged intervals), bare step {bare:.1f} images/s: loop/bare {loop_rate / bare:.2f}")

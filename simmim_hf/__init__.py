@@ -6,11 +6,13 @@ Importing the package registers `model_type="simmim"` with the Auto classes, so 
 
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForMaskedImageModeling,
 )
+
+# From its module: some transformers 5.x releases make the top-level name a placeholder that needs torchvision.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from .configuration_simmim import PRESETS, SimMIMConfig
 from .image_processing_simmim import SimMIMImageProcessor

@@ -440,9 +440,23 @@ class SimMIMImageProcessor(PilBackend):
         if pixel_values.dtype != torch.uint8 or pixel_values.ndim != 4:
             raise ValueError(f"`pixel_values` must be a uint8 (batch, 3, height, width) tensor from "
                              f"`return_uint8=True`; got dtype={pixel_values.dtype}, shape={tuple(pixel_values.shape)}.")
-        is_8bit = torch.ones(pixel_values.shape[0], dtype=torch.bool)
-        return self._rescale_and_normalize(pixel_values.float(), is_8bit, self.do_rescale, self.rescale_factor,
-                                           self.do_normalize, self.image_mean, self.image_std)
+        factor, offset = _uint8_normalization(
+            pixel_values.device, float(self.rescale_factor) if self.do_rescale else 1.0,
+            tuple(self.image_mean) if self.do_normalize else (0.0, 0.0, 0.0),
+            tuple(self.image_std) if self.do_normalize else (1.0, 1.0, 1.0))
+        # The CPU path's two passes, with the same constants: the result is bit-identical to it.
+        pixel_values = pixel_values.float().mul_(factor)
+        return pixel_values.sub_(offset) if self.do_normalize else pixel_values
+
+
+@lru_cache(maxsize=16)
+def _uint8_normalization(device: torch.device, rescale: float, mean: tuple, std: tuple):
+    """(rescale / std, mean / std) as (1, 3, 1, 1) float32 tensors on `device`, made once per device and setting:
+    building them every step would copy from the host and wait for the accelerator (a sync per training step)."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    factor = torch.tensor(rescale, dtype=torch.float32) / std_t
+    return factor.to(device), (mean_t / std_t).to(device)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -42,6 +42,12 @@ def test_uint8_batches_normalised_on_the_device_equal_the_cpu_path(processor, do
     raw = processor(images, do_train=do_train, return_tensors="pt", seed=[1, 2, 3], return_uint8=True)
     assert raw["pixel_values"].dtype == torch.uint8 and raw["pixel_values"].shape == floats["pixel_values"].shape
     assert torch.equal(processor.normalize_uint8(raw["pixel_values"]), floats["pixel_values"])
+    # Its constants are made once per device: no host-to-device copy (a sync on a GPU) at every training step.
+    from simmim_hf.image_processing_simmim import _uint8_normalization
+
+    hits = _uint8_normalization.cache_info().hits
+    assert torch.equal(processor.normalize_uint8(raw["pixel_values"]), floats["pixel_values"])
+    assert _uint8_normalization.cache_info().hits == hits + 1
     if do_train:
         assert torch.equal(raw["bool_masked_pos"], floats["bool_masked_pos"])
     other = SimMIMImageProcessor.from_config(SimMIMConfig.from_preset("vit-micro-p8-64"), image_mean=0.5,
