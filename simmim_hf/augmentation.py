@@ -420,7 +420,7 @@ class FinetuneAugmentation(nn.Module):
         if rows.numel() == 0:
             return x
         boxes = bbox_generator(params["xs"][rows], params["ys"][rows], params["widths"][rows], params["heights"][rows])
-        box = bbox_to_mask(boxes.to(x.device), width, height)[:, None] > 0.5  # (k, 1, H, W)
+        box = bbox_to_mask(boxes.to(x.device, non_blocking=True), width, height)[:, None] > 0.5  # (k, 1, H, W)
         if self.random_erasing_mode == "pixel":
             fill = torch.randn(rows.numel(), channels, height, width, device=x.device, dtype=x.dtype)
         elif self.random_erasing_mode == "rand":
