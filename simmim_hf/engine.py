@@ -221,6 +221,12 @@ class TrainingLoop:
                            unreadable_images=int(stats.get("unreadable_images", 0)),
                            extra=dict(stored.get("extra") or {}))
         self.guard.total_skipped = state.skipped_steps  # the run's totals continue, as its results report them
+        consecutive = float(stats.get("consecutive_nonfinite", 0))
+        self.guard.consecutive = torch.full((), consecutive, device=self.guard.device)
+        self.guard.longest = self.guard.consecutive.clone()
+        if stats.get("epoch_end_hooks_done"):
+            self._epoch_end_step = state.global_step
+        self.last_checkpoint_step = state.global_step  # what a save at this step would write is already there
         return state
 
     def save_checkpoint(self, state: TrainState) -> Path:
@@ -235,7 +241,11 @@ class TrainingLoop:
             epoch, batches = epoch + 1, 0
         stats = {"last_loss": state.last_loss if math.isfinite(state.last_loss) else None,
                  "skipped_steps": state.skipped_steps,
-                 "unreadable_images": state.unreadable_images}
+                 "unreadable_images": state.unreadable_images,
+                 # A run of non-finite steps continues across a resume: the stop rule sees the same count.
+                 "consecutive_nonfinite": int(self.guard.consecutive.item()),
+                 # The last epoch's end hooks ran at this step: a resume must not run them again.
+                 "epoch_end_hooks_done": self._epoch_end_step == state.global_step}
         path = self.checkpoints.save(state.global_step, {"epoch": epoch, "batches_in_epoch": batches,
                                                          "stats": stats, "extra": state.extra})
         self.last_checkpoint_step = state.global_step
@@ -341,6 +351,25 @@ class TrainingLoop:
         preemption = PreemptionHandler()
         self.model.train()
         try:
+            self._train_until_done(state, max_steps, progress, preemption)
+            if self._steps_since_log:
+                self._log(state, None)  # the counts of a last, partial interval are not lost
+            if state.preempted:
+                logger.warning(f"Received signal {preemption.received}; saving a checkpoint at step "
+                               f"{state.global_step} and stopping. Resume with --resume_from_checkpoint latest.")
+            else:
+                self._end_epoch(state)
+            if self.last_checkpoint_step != state.global_step:
+                self.save_checkpoint(state)
+        finally:
+            # Only after the final save: a stop signal during the last epoch's hooks (fine-tuning's evaluation and
+            # best/ / last/ saves) or the checkpoint itself waits for them instead of killing the run unsaved.
+            preemption.restore()
+        return state
+
+    def _train_until_done(self, state: TrainState, max_steps: int, progress, preemption) -> None:
+        """The step loop: until the step budget, an early stop or a stop signal (then `state.preempted`)."""
+        try:
             while state.global_step < max_steps and not state.stopped_early:
                 for batch in self._epoch_batches(state):
                     self._train_on(batch, state)
@@ -369,19 +398,8 @@ class TrainingLoop:
                     continue
                 break
         finally:
-            preemption.restore()
             if progress is not None:
                 progress.close()
-        if self._steps_since_log:
-            self._log(state, None)  # the counts of a last, partial interval are not lost
-        if state.preempted:
-            logger.warning(f"Received signal {preemption.received}; saving a checkpoint at step {state.global_step} "
-                           "and stopping. Resume with --resume_from_checkpoint latest.")
-        else:
-            self._end_epoch(state)
-        if self.last_checkpoint_step != state.global_step:
-            self.save_checkpoint(state)
-        return state
 
 
 def default_num_workers(accelerator) -> int:

@@ -110,6 +110,44 @@ def test_a_resumed_run_keeps_the_counts_and_loss_of_the_steps_before_it(tmp_path
     assert finished.global_step == 6 and finished.last_loss == pytest.approx(full.last_loss)
 
 
+def test_a_run_of_non_finite_steps_continues_across_a_resume(tmp_path):
+    """Steps 3-5 are non-finite and the run stops after 3 in a row; resumed from step 4 (two in a row so far), it
+    stops at the same point instead of training on and reporting success."""
+    def poisoned(model, batch, state):
+        loss = squared_error(model, batch, state)
+        return loss * float("nan") if state.global_step in (2, 3, 4) else loss
+
+    full, _ = train(tmp_path, steps=12, compute_loss=poisoned, checkpointing_steps=4)
+    assert full.stopped_early and full.global_step == 6
+    resumed, _ = train(tmp_path, steps=12, compute_loss=poisoned, checkpointing_steps=4,
+                       resume=str(tmp_path / "checkpoints" / "checkpoint-4"))
+    assert resumed.stopped_early and resumed.global_step == 6 and resumed.skipped_steps == 3
+
+
+@pytest.mark.parametrize("steps", [6, 5])  # the run ends at an epoch's end, or inside an epoch
+def test_resuming_a_finished_run_does_not_run_its_last_epoch_hooks_again(tmp_path, steps):
+    first = Recorder()
+    train(tmp_path, steps=steps, callbacks=[first])
+    assert first.epoch_ends == [(0, steps)]
+    again = Recorder()
+    state, _ = train(tmp_path, steps=steps, callbacks=[again], resume=True)
+    assert state.global_step == steps and again.steps == [] and again.epoch_ends == []
+
+
+def test_a_stop_signal_during_the_last_epoch_hooks_still_ends_with_a_checkpoint(tmp_path):
+    """SIGTERM while the final epoch's hooks run (fine-tuning evaluates and saves best/ there): the handler is
+    still installed, so the hooks finish and the final checkpoint is written instead of the process dying."""
+    class SignalAtTheEnd(Recorder):
+        def on_epoch_end(self, loop, state):
+            os.kill(os.getpid(), signal.SIGTERM)
+            super().on_epoch_end(loop, state)
+
+    stopper = SignalAtTheEnd()
+    state, _ = train(tmp_path, steps=6, callbacks=[stopper])
+    assert stopper.epoch_ends == [(0, 6)] and state.global_step == 6
+    assert (tmp_path / "checkpoints" / "checkpoint-6" / "checkpoint_complete.json").is_file()
+
+
 def test_sigterm_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
     _, full = train(tmp_path / "full", steps=12)
     stopper = Recorder(at_step={5: lambda: os.kill(os.getpid(), signal.SIGTERM)})
