@@ -460,6 +460,28 @@ def load_pretraining_data(args):
     return train_ds, eval_ds, column, description
 
 
+def _as_class_labels(raw):
+    """The `label` column of every split as one `ClassLabel`: strings (class names) are numbered in sorted order,
+    integers keep their values (0..max over all splits, so a class seen only in evaluation still has an id),
+    and splits, class count and stratification then agree."""
+    import datasets
+
+    if isinstance(raw[next(iter(raw))].features["label"], datasets.ClassLabel):
+        return raw
+    values = set().union(*(split.unique("label") for split in raw.values()))
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        if min(values) < 0:
+            raise ValueError(f"--label_column_name: integer labels must be class ids >= 0; got values down to "
+                             f"{min(values)}.")
+        names = [str(i) for i in range(int(max(values)) + 1)]
+    elif all(isinstance(v, str) for v in values):
+        names = sorted(values)
+    else:
+        raise ValueError("--label_column_name: labels must be class ids (integers >= 0) or class names (strings); "
+                         f"got values of types {sorted({type(v).__name__ for v in values})}.")
+    return raw.cast_column("label", datasets.ClassLabel(names=names))
+
+
 def _stratified_split(dataset, test_fraction: float, seed: int):
     import datasets
 
@@ -486,8 +508,11 @@ def load_classification_data(args, image_size: int):
         if args.label_column_name not in columns:
             raise ValueError(f"--label_column_name {args.label_column_name!r} is not a column of the dataset; "
                              f"columns: {columns}.")
+        # Only the two columns the job uses: another column may already be called "label".
+        raw = raw.select_columns(list(dict.fromkeys([image_column, args.label_column_name])))
         raw = raw.rename_columns({k: v for k, v in ((image_column, "image"), (args.label_column_name, "label"))
                                   if k != v})
+        raw = _as_class_labels(raw)
         # Never "test" unless asked for: the evaluation split selects best/, which must not be chosen on test data.
         val_name = args.validation_split or ("validation" if "validation" in raw and args.train_split != "validation"
                                              else None)
@@ -510,12 +535,10 @@ def load_classification_data(args, image_size: int):
         train, evaluation = split["train"], split["test"]
     train, evaluation = train.select_columns(["image", "label"]), evaluation.select_columns(["image", "label"])
 
-    label_feature = train.features["label"]
-    is_class_label = isinstance(label_feature, datasets.ClassLabel)
-    names = list(label_feature.names) if is_class_label else [str(i) for i in range(int(max(train["label"])) + 1)]
+    names = list(train.features["label"].names)
     if args.train_label_fraction < 1.0:
         train = train.train_test_split(train_size=args.train_label_fraction, seed=args.data_seed,
-                                       stratify_by_column="label" if is_class_label else None)["train"]
+                                       stratify_by_column="label")["train"]
     if args.max_train_samples is not None:
         train = _truncate(train.shuffle(seed=args.data_seed), args.max_train_samples)
     return train, _truncate(evaluation, args.max_eval_samples), names, description

@@ -3,6 +3,7 @@ reduced-size JPEG decoding that never makes the processor upsample."""
 
 from __future__ import annotations
 
+import collections
 import io
 import math
 
@@ -244,6 +245,34 @@ def test_finetuning_never_selects_on_a_test_split_unless_asked(tmp_path):
     train, evaluation, _, _ = load_classification_data(
         parse_args(FinetuningArguments, [*base, "--validation_split", "test"]), 32)[:4]
     assert (len(train), len(evaluation)) == (20, 8)
+
+
+def test_finetuning_labels_that_are_names_or_plain_integers_become_one_class_list(tmp_path):
+    """String labels (class names), a label column chosen beside an existing `label` column, and a class that only
+    the evaluation split has: one class list for both splits, and the label fraction stays stratified."""
+    import datasets
+
+    from simmim_hf.arguments import FinetuningArguments, parse_args
+    from simmim_hf.data import load_classification_data
+
+    def split(species):
+        images = [_photo(20, 20, seed=i) for i in range(len(species))]
+        return datasets.Dataset.from_dict({"img": images, "species": species, "label": list(range(len(species))),
+                                           "size": [i * 10 for i in range(len(species))]}).cast_column(
+            "img", datasets.Image())
+
+    (tmp_path / "data").mkdir()
+    split(["fish", "cat", "dog", "owl"] * 4).to_parquet(str(tmp_path / "data" / "train.parquet"))
+    split(["cat", "bird", "dog"]).to_parquet(str(tmp_path / "data" / "validation.parquet"))
+    args = parse_args(FinetuningArguments, ["--dataset_name", str(tmp_path / "data"), "--output_dir",
+                                            str(tmp_path / "out"), "--preset", "vit-nano-p4-32", "--label_column_name",
+                                            "species", "--train_label_fraction", "0.5"])
+    train, evaluation, names, _ = load_classification_data(args, 32)
+    assert names == ["bird", "cat", "dog", "fish", "owl"] and train.column_names == ["image", "label"]
+    assert [names[i] for i in evaluation["label"]] == ["cat", "bird", "dog"]
+    assert sorted(collections.Counter(train["label"]).values()) == [2, 2, 2, 2]  # stratified: 2 of each 4
+    args.label_column_name, args.train_label_fraction = "size", 1.0  # plain integers keep their values as ids
+    assert len(load_classification_data(args, 32)[2]) == 151
 
 
 def test_a_streamed_archive_of_images_decodes(processor, tmp_path):
