@@ -3,7 +3,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 EXAMPLES = ["tqdm", "tensorboard", "scikit-learn>=1.3", "scikit-image>=0.22"]
-DEV = ["pytest>=8", "hypothesis>=6", *EXAMPLES]
+DEV = ["pytest>=8", "hypothesis>=6", "scipy>=1.10", *EXAMPLES]  # scipy: the reference spline in tests/test_transfer.py
 
 setup(
     name="simmim_hf",

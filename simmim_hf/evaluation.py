@@ -193,8 +193,9 @@ def knn_evaluate(
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     scores = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature)
-    top = scores.topk(min(5, num_classes), dim=1).indices
-    hits = top == test_labels.long()[:, None]
+    top = scores.topk(min(5, num_classes), dim=1)
+    # A class no neighbour voted for is not a prediction: without this, zero-score ties fill the top 5 arbitrarily.
+    hits = (top.indices == test_labels.long()[:, None]) & (top.values > 0)
     result = {"accuracy": hits[:, 0].float().mean().item()}
     if num_classes >= 5:
         result["top5_accuracy"] = hits.any(dim=1).float().mean().item()

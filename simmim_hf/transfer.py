@@ -5,9 +5,11 @@ Fine-tuning often runs at a different resolution than pretraining (the paper's S
 Three kinds of tensor depend on the token grid and are mapped here:
 
 * relative position bias tables: a ((2h-1)*(2w-1), heads) grid of biases per relative offset (Swin: per
-  window), resized with bicubic interpolation in torch, as Swin-Transformer and timm do (the official
-  SimMIM code used SciPy's `interp2d`, which SciPy has removed). The BEiT-style ViT table ends with 3
-  extra rows (cls->token, token->cls, cls->cls) that do not live on the grid; they are kept as they are;
+  window), resized as the official SimMIM fine-tuning code (BEiT's) resizes them: the source offsets are
+  spread on a geometric sequence that reaches the target's extent, so the near offsets (+-1, +-2, ...) keep
+  their pretrained values, and a cubic spline through them (SciPy's `interp2d`, which SciPy has removed,
+  here a not-a-knot spline in torch) is read at the target's integer offsets. The BEiT-style ViT table ends
+  with 3 extra rows (cls->token, token->cls, cls->cls) that do not live on the grid; they are kept as they are;
 * a ViT relative position bias shared by all blocks (the paper's pretraining setting) is copied into
   every per-block table when the target model asks for per-block biases (the paper's fine-tuning setting);
 * absolute position embeddings (1, 1 + N, C): the N patch positions are interpolated bicubically on their
@@ -85,9 +87,10 @@ def resize_relative_position_bias_table(
     """Resize a (num_rows, heads) relative position bias table to `dst_num_rows` rows.
 
     The first `num_rows - num_extra_rows` rows form a square (2h-1) x (2w-1) grid of relative offsets
-    (row-major, as the index buffers read them); it is resized bicubically (align_corners=False, as in
-    Swin-Transformer and timm). The last `num_extra_rows` rows (the BEiT-style CLS rows) are appended
-    unchanged. A table that already has `dst_num_rows` rows is returned as it is.
+    (row-major, as the index buffers read them); it is resized as the official SimMIM / BEiT fine-tuning code
+    does (`_geometric_offsets`, then a cubic spline per head; grids under 4 offsets a side, too few for a cubic
+    spline, bicubically). The last `num_extra_rows` rows (the BEiT-style CLS rows) are appended unchanged. A
+    table that already has `dst_num_rows` rows is returned as it is.
     """
     if table.ndim != 2:
         raise ValueError(f"`table` must be (num_rows, heads); got shape {tuple(table.shape)}.")
@@ -98,11 +101,63 @@ def resize_relative_position_bias_table(
     grid = table[: table.shape[0] - num_extra_rows]
     extra = table[table.shape[0] - num_extra_rows:]
     heads = table.shape[1]
-    # Interpolate in float32 (bicubic is not implemented for every half dtype on CPU), return in the input dtype.
-    grid = grid.float().T.reshape(1, heads, src_side, src_side)
-    grid = F.interpolate(grid, size=(dst_side, dst_side), mode="bicubic", align_corners=False)
-    grid = grid.reshape(heads, dst_side * dst_side).T.to(table.dtype)
-    return torch.cat([grid, extra], dim=0)
+    if src_side < 4:
+        # Interpolate in float32 (bicubic is not implemented for every half dtype on CPU).
+        resized = F.interpolate(grid.float().T.reshape(1, heads, src_side, src_side), size=(dst_side, dst_side),
+                                mode="bicubic", align_corners=False).reshape(heads, dst_side * dst_side).T
+    else:
+        source = _geometric_offsets(src_side, dst_side)
+        target = torch.arange(dst_side, dtype=torch.float64) - (dst_side - 1) / 2
+        weights = _cubic_spline_matrix(source, target)  # (dst_side, src_side), the same along both axes
+        planes = grid.double().T.reshape(heads, src_side, src_side)
+        resized = (weights @ planes @ weights.T).reshape(heads, dst_side * dst_side).T
+    return torch.cat([resized.to(table.dtype), extra], dim=0)
+
+
+def _geometric_offsets(src_side: int, dst_side: int) -> torch.Tensor:
+    """Where the official code places the source offsets -n..n (n = src_side // 2) when the target spans
+    -m..m (m = dst_side // 2): at 0, +-1, +-(1 + q), +-(1 + q + q^2), ..., with q (found by bisection, as there)
+    such that 1 + q + ... + q^(n-1) reaches m."""
+    n, m = src_side // 2, dst_side // 2
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if (1.0 - q**n) / (1.0 - q) > m:
+            right = q
+        else:
+            left = q
+    distances, current = [], 1.0
+    for i in range(n):
+        distances.append(current)
+        current += q ** (i + 1)
+    return torch.tensor([-d for d in reversed(distances)] + [0.0] + distances, dtype=torch.float64)
+
+
+def _cubic_spline_matrix(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """(len(xq), len(x)) float64 matrix W with W @ y = the not-a-knot cubic spline through (x, y) read at xq: the
+    spline SciPy's `interp2d(kind="cubic")` / `RectBivariateSpline(s=0)` fit on a grid, one axis at a time, and
+    like them (FITPACK) holding its end values beyond the end points. Needs len(x) >= 4."""
+    n = x.numel()
+    xq = xq.clamp(x[0], x[-1])
+    h = x[1:] - x[:-1]
+    # Second derivatives M solve A M = B y: continuity of the first derivative inside, not-a-knot at both ends.
+    A = torch.zeros(n, n, dtype=torch.float64)
+    B = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(1, n - 1):
+        A[i, i - 1], A[i, i], A[i, i + 1] = h[i - 1], 2 * (h[i - 1] + h[i]), h[i]
+        B[i, i - 1], B[i, i], B[i, i + 1] = 6 / h[i - 1], -6 / h[i - 1] - 6 / h[i], 6 / h[i]
+    A[0, 0], A[0, 1], A[0, 2] = h[1], -(h[0] + h[1]), h[0]
+    A[-1, -3], A[-1, -2], A[-1, -1] = h[-1], -(h[-2] + h[-1]), h[-2]
+    second = torch.linalg.solve(A, B)  # M = second @ y
+    piece = torch.clamp(torch.searchsorted(x, xq, right=True) - 1, 0, n - 2)
+    x0, x1, hq = x[piece], x[piece + 1], h[piece]
+    a, b = (x1 - xq) / hq, (xq - x0) / hq  # the piece's linear part, and the cubic corrections below
+    rows = torch.arange(xq.numel())
+    weights = torch.zeros(xq.numel(), n, dtype=torch.float64)
+    weights[rows, piece] += a
+    weights[rows, piece + 1] += b
+    curvature = ((a**3 - a) * hq**2 / 6)[:, None] * second[piece] + ((b**3 - b) * hq**2 / 6)[:, None] * second[piece + 1]
+    return weights + curvature
 
 
 def resize_position_embeddings(
@@ -197,7 +252,9 @@ def transfer_state_dict(
                 why = f"checkpoint {tuple(tensor.shape)} vs model {tuple(dst.shape)} (different width)"
             else:
                 try:
-                    out[name] = resize_position_embeddings(tensor, dst.shape[1], num_prefix_tokens=1)
+                    # ViT's table starts with the CLS token's row; Swin's is the patch grid alone.
+                    out[name] = resize_position_embeddings(tensor, dst.shape[1],
+                                                           num_prefix_tokens=1 if config.encoder_type == "vit" else 0)
                 except ValueError as err:
                     why = f"checkpoint {tuple(tensor.shape)} vs model {tuple(dst.shape)} ({err})"
         else:

@@ -458,3 +458,13 @@ def test_top_k_accuracy_counts_ties_and_nan_scores_as_wrong():
         float((logits.argmax(1)[3:] == labels[3:]).sum()) / 6)
     with pytest.raises(ValueError, match=r"references.*\[0, 8\)"):
         metric.compute(predictions=logits, references=labels + 3)
+
+
+def test_knn_top5_counts_only_classes_that_got_votes():
+    """With k=1 one class gets a vote; the other four "top-5" classes are zero-score ties and must not count."""
+    generator = torch.Generator().manual_seed(0)
+    train, test = torch.randn(200, 8, generator=generator), torch.randn(300, 8, generator=generator)
+    train_labels = torch.randint(0, 10, (200,), generator=generator)
+    test_labels = torch.randint(0, 10, (300,), generator=generator)
+    result = knn_evaluate(train, train_labels, test, test_labels, num_classes=10, k=1)
+    assert result["top5_accuracy"] == result["accuracy"]

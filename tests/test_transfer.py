@@ -46,15 +46,45 @@ def test_swin_32_w4_into_48_w6(swin_src):
     src_table = swin_src.state_dict()[name]
     dst_table = model.state_dict()[name]
     assert dst_table.shape == (121, src_table.shape[1])
-    # Bicubic resize (align_corners=False) of the 7x7 offset grid, checked against F.interpolate directly.
-    expected = torch.nn.functional.interpolate(
-        src_table.T.reshape(1, -1, 7, 7), size=(11, 11), mode="bicubic", align_corners=False)
-    torch.testing.assert_close(dst_table, expected.reshape(-1, 121).T)
+    torch.testing.assert_close(dst_table, official_resize(src_table, 7, 11))
     # Everything that does not depend on the grid is copied exactly.
     torch.testing.assert_close(model.state_dict()["simmim.encoder.stages.2.blocks.1.mlp.fc1.weight"],
                                swin_src.state_dict()["simmim.encoder.stages.2.blocks.1.mlp.fc1.weight"])
     with torch.no_grad():
         assert model(torch.randn(2, 3, 48, 48)).logits.shape == (2, 3)
+
+
+def official_resize(table: torch.Tensor, src: int, dst: int) -> torch.Tensor:
+    """The official SimMIM / BEiT fine-tuning resize, written from its description with SciPy as the spline:
+    source offsets on a geometric sequence reaching the target's extent, a cubic spline read at integer offsets."""
+    import numpy as np
+    from scipy.interpolate import RectBivariateSpline
+
+    n, m = src // 2, dst // 2
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2
+        left, right = (left, q) if (1 - q**n) / (1 - q) > m else (q, right)
+    distances = np.cumsum([q**i for i in range(n)])
+    x = np.concatenate([-distances[::-1], [0.0], distances])
+    offsets = np.arange(-m, m + 0.1)
+    planes = [RectBivariateSpline(x, x, table[:, h].view(src, src).double().numpy(), kx=3, ky=3, s=0)(offsets, offsets)
+              for h in range(table.shape[1])]
+    return torch.from_numpy(np.stack([p.reshape(-1) for p in planes], axis=1)).to(table.dtype)
+
+
+@pytest.mark.parametrize("src, dst", [(7, 11), (11, 13), (15, 23), (13, 11)])
+def test_relative_position_tables_resize_as_the_official_fine_tuning_code(src, dst):
+    """Swin 192 px w6 -> 224 px w7 is 11 -> 13 offsets a side; ViT 32 -> 48 px at patch 4 is 15 -> 23."""
+    torch.manual_seed(0)
+    table = torch.randn(src * src + 3, 2)
+    resized = resize_relative_position_bias_table(table, dst * dst + 3, num_extra_rows=3)
+    torch.testing.assert_close(resized[:-3], official_resize(table[:-3], src, dst))
+    assert torch.equal(resized[-3:], table[-3:])  # the CLS rows
+    if dst > src:  # the near offsets keep their pretrained biases (a plain bicubic resize shifts every offset)
+        grid, source = resized[:-3].view(dst, dst, 2), table[:-3].view(src, src, 2)
+        for offset in (-1, 0, 1):
+            torch.testing.assert_close(grid[dst // 2 + offset, dst // 2], source[src // 2 + offset, src // 2])
 
 
 def test_resize_keeps_constants_and_cls_rows():
@@ -142,3 +172,11 @@ def test_official_vit_fine_tuning_layout_drops_the_final_norm_under_strict(vit_s
     assert {"simmim.layernorm.weight", "simmim.layernorm.bias"} <= set(report.unexpected)
     torch.testing.assert_close(model.simmim.encoder.layers[1].mlp.fc2.weight,
                                vit_src.simmim.encoder.layers[1].mlp.fc2.weight)
+
+
+def test_swin_absolute_position_embeddings_are_resized_without_a_cls_row():
+    source = pretrained("swin-nano-w4-32", use_absolute_position_embeddings=True)
+    model = SimMIMModel(SimMIMConfig.from_preset("swin-nano-w4-32", use_absolute_position_embeddings=True,
+                                                 image_size=64, mask_patch_size=16))
+    _, report = transfer_state_dict(source.state_dict(), model)
+    assert not report.mismatched and any("position_embeddings" in name for name in report.interpolated)
