@@ -109,6 +109,11 @@ def prepare_output_dir(accelerator, args) -> tuple[CheckpointManager, Path | Non
         checkpoints.start_over()
     resume_path = checkpoints.resolve(args.resume_from_checkpoint)
     own_unfinished_run = args.resume_from_checkpoint == "latest" and (output_dir / "training_args.json").is_file()
+    if own_unfinished_run and resume_path is None and (output_dir / "all_results.json").is_file() \
+            and not args.overwrite_output_dir:
+        raise ValueError(f"--output_dir {output_dir} holds a finished run (all_results.json) but no checkpoint to "
+                         "resume (its checkpoints/ was removed?): training again would overwrite its models. Pass "
+                         "--overwrite_output_dir to train again, or choose another folder.")
     if output_dir.is_dir() and any(output_dir.iterdir()) and resume_path is None \
             and not args.overwrite_output_dir and not own_unfinished_run:
         raise ValueError(f"--output_dir {output_dir} is not empty and holds no checkpoint to resume. Pass "

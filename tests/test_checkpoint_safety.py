@@ -142,6 +142,19 @@ def test_resume_latest_does_not_take_over_a_foreign_non_empty_folder(tmp_path):
     assert (out / "README.md").read_text() == "my notes" and json.loads((out / "config.json").read_text()) == {"mine": True}
 
 
+def test_resume_latest_never_retrains_a_finished_run_whose_checkpoints_are_gone(tmp_path):
+    """A requeued job on a finished run after someone removed checkpoints/: refused, its models kept."""
+    import shutil
+
+    out = tmp_path / "out"
+    assert pretrain(["--output_dir", out, *TINY]) == 0
+    shutil.rmtree(out / "checkpoints")
+    weights = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="finished run.*no checkpoint to resume.*--overwrite_output_dir"):
+        pretrain(["--output_dir", out, *TINY, "--resume_from_checkpoint", "latest"])
+    assert (out / "model.safetensors").read_bytes() == weights
+
+
 def test_resume_with_another_batch_size_is_refused(tmp_path):
     out = tmp_path / "out"
     assert pretrain(["--output_dir", out, *TINY]) == 0
