@@ -215,7 +215,8 @@ class CheckpointManager:
 
     def _set_aside_abandoned_branch(self) -> None:
         """A run resumed from checkpoint-s that saves again has abandoned the checkpoints after s (e.g. resumed before
-        a divergence). They are renamed `superseded-checkpoint-<step>` (kept, never resolved or rotated), so
+        a divergence). They are renamed `superseded-checkpoint-<step>` (`superseded-<n>-checkpoint-<step>` for the
+        n-th branch abandoned at that step; kept, never resolved, rotated or deleted), so
         `latest` and rotation follow the branch being trained rather than the higher, stale step numbers."""
         resumed, self.resumed_step = self.resumed_step, None
         if resumed is None:
@@ -223,9 +224,10 @@ class CheckpointManager:
         for path in self.list_checkpoints(complete_only=False):
             step = _step_of(path.name.removeprefix(_REPLACED_PREFIX))
             if step is not None and step > resumed:
-                target = self.root / f"{SUPERSEDED_PREFIX}{path.name.removeprefix(_REPLACED_PREFIX)}"
-                if target.exists():
-                    shutil.rmtree(target)
+                name = path.name.removeprefix(_REPLACED_PREFIX)
+                target, branch = self.root / f"{SUPERSEDED_PREFIX}{name}", 2
+                while target.exists():  # an earlier abandoned branch kept this name: both are kept
+                    target, branch = self.root / f"{SUPERSEDED_PREFIX}{branch}-{name}", branch + 1
                 os.replace(path, target)
                 logger.warning("%s is from after checkpoint-%d, which this run resumed from; kept as %s and no "
                                "longer resumed or rotated.", path.name, resumed, target.name)

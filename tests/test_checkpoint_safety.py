@@ -296,3 +296,14 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside_at_the_fi
     save(resumed, 7, "second branch 7")  # rotation now works on this branch; nothing more is set aside
     assert [p.name for p in resumed.list_checkpoints()] == ["checkpoint-5", "checkpoint-7"]
     assert len(list((tmp_path / "checkpoints").glob("superseded-*"))) == 2
+    third = CheckpointManager(FakeAccelerator(), tmp_path)  # back to 5 again: 7 is abandoned too
+    third.load(tmp_path / "checkpoints" / "checkpoint-5")
+    save(third, 6, "third branch 6")
+    save(third, 8, "third branch 8")
+    fourth = CheckpointManager(FakeAccelerator(), tmp_path)  # and back to 5 once more
+    fourth.load(tmp_path / "checkpoints" / "checkpoint-5")
+    save(fourth, 6, "fourth branch 6")
+    kept = {p.name: (p / "model.safetensors").read_text() for p in (tmp_path / "checkpoints").glob("superseded-*")}
+    assert kept == {"superseded-checkpoint-6": "first branch 6", "superseded-checkpoint-8": "first branch 8",
+                    "superseded-checkpoint-7": "second branch 7", "superseded-2-checkpoint-6": "third branch 6",
+                    "superseded-2-checkpoint-8": "third branch 8"}  # no abandoned branch is ever deleted
