@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -47,7 +48,7 @@ from .engine import LoopCallback, TrainingLoop, default_num_workers, save_model,
 from .evaluation import LinearProbe, evaluate_classifier
 from .image_processing_simmim import SimMIMImageProcessor
 from .optimization import LearningRatePlan, create_optimizer_and_scheduler
-from .training_utils import atomic_write_text, enable_gradient_checkpointing, to_json
+from .training_utils import atomic_write_text, enable_gradient_checkpointing, publish_folder, to_json
 from .transfer import load_pretrained_for_transfer
 
 logger = logging.getLogger(__name__)
@@ -122,15 +123,22 @@ class EvaluateAndSave(LoopCallback):
         self.args, self.eval_dataloader, self.processor, self.num_classes = args, eval_dataloader, processor, num_classes
 
     def _save(self, loop, folder: Path, results: dict) -> None:
+        """Write the model and its results next to `folder`, then swap it in: a failed save (a full disk, a kill)
+        leaves the previous best/ or last/ whole."""
         accelerator, model = loop.accelerator, loop.model
+        staging = folder.with_name(f".tmp-{folder.name}")
+        if accelerator.is_main_process and staging.exists():
+            shutil.rmtree(staging)  # left by a run killed mid-save
+        accelerator.wait_for_everyone()
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         if isinstance(unwrapped, LinearProbe):  # the encoder is the unchanged pretrained one: the head only
             if accelerator.is_main_process:
-                unwrapped.save_head(folder, self.args.model_name_or_path)
+                unwrapped.save_head(staging, self.args.model_name_or_path)
         else:
-            save_model(accelerator, model, folder, self.processor)
+            save_model(accelerator, model, staging, self.processor)
         if accelerator.is_main_process:
-            (folder / "eval_results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+            (staging / "eval_results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+            publish_folder(staging, folder)
         accelerator.wait_for_everyone()
 
     def on_epoch_end(self, loop, state):

@@ -80,6 +80,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)  # atomic on POSIX and Windows within one filesystem
 
 
+def publish_folder(staging: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Make the complete folder `staging` the folder `final`, replacing any previous one: a failure before this
+    (a full disk, a kill mid-save) leaves the previous `final` whole; the swap itself is two renames."""
+    staging, final = Path(staging), Path(final)
+    previous = final.with_name(f"{_TMP_PREFIX}previous-{final.name}")
+    if previous.exists():
+        shutil.rmtree(previous)
+    if final.exists():
+        os.replace(final, previous)
+    os.replace(staging, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
 def _fsync_dir(path: str | os.PathLike) -> None:
     # Make a rename durable (otherwise a power loss can undo it); best effort where unsupported.
     try:
@@ -684,6 +698,7 @@ __all__ = [
     "HubPusher",
     "NonFiniteGuard",
     "PreemptionHandler",
+    "publish_folder",
     "atomic_write_text",
     "content_key",
     "format_count",

@@ -226,6 +226,30 @@ def test_a_truncated_jpeg_is_replaced_and_counted_not_a_crash(run_finetune, tmp_
     assert results["train_samples"] == 13 and results["eval_samples"] == 6
 
 
+def test_a_failed_save_leaves_the_previous_last_and_best_whole(run_finetune, tmp_path, monkeypatch):
+    """A full disk while epoch 1's last/ is written: epoch 0's last/ (and best/) stay complete and loadable."""
+    from transformers import AutoModelForImageClassification
+
+    from simmim_hf import run_finetune as job
+
+    real_save, calls = job.save_model, []
+
+    def disk_full_on_the_third_save(accelerator, model, folder, processor=None):
+        calls.append(Path(folder).name)
+        real_save(accelerator, model, folder, processor)
+        if len(calls) == 3:  # epoch 0: last, best; epoch 1: last
+            (Path(folder) / "model.safetensors").write_bytes(b"torn")
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(job, "save_model", disk_full_on_the_third_save)
+    with pytest.raises(OSError, match="No space left"):
+        run_finetune.run(["--preset", "vit-nano-p4-32", "--output_dir", str(tmp_path / "o"), *TINY])
+    for name in ("last", "best"):
+        folder = tmp_path / "o" / name
+        assert json.loads((folder / "eval_results.json").read_text())["epoch"] == 0
+        assert AutoModelForImageClassification.from_pretrained(folder).config.num_labels == 10
+
+
 def test_collator_replaces_unreadable_rows_with_their_labels():
     from simmim_hf import SimMIMImageProcessor
     from simmim_hf.data import SimMIMCollator
