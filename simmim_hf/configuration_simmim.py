@@ -213,7 +213,9 @@ class SimMIMConfig(PretrainedConfig):
             over (image_size / r)-pixel squares, instead of every pixel (the paper's prediction-resolution sweep).
             r must divide `image_size`, and the averaging factor image_size / r must divide `encoder_stride` (the
             head upsamples the feature map by encoder_stride / factor). A low-resolution pixel is masked when
-            every pixel of the square it averages is masked. Other input sizes keep the factor, not r.
+            every pixel of the square it averages is masked. Other input sizes keep the factor, not r, and so
+            does a config whose `image_size` is changed (`with_overrides`, `from_pretrained(..., image_size=...)`):
+            r follows the new size, so the head keeps its shape.
         loss_area (`str`, defaults to `"masked"`): which pixels the loss counts: `"masked"` (the paper's) or
             `"all"`; both normalise the same way, by the number of counted pixels and the channels.
         norm_target_patch_size (`int`, *optional*): an odd window k >= 3: regress a locally normalised target,
@@ -554,6 +556,11 @@ class SimMIMConfig(PretrainedConfig):
         keyword overrides such as `from_pretrained(path, mask_ratio=0.5)` with setattr, bypassing `__init__`; a
         config changed that way is rebuilt once through `__init__`, which checks it as a whole and recomputes the
         fields derived from others (`from_pretrained(path, patch_size=8)` changes `encoder_stride` too)."""
+        if kwargs.get("image_size") is not None and config_dict.get("prediction_resolution"):
+            kwargs.update(_keep_prediction_factor(
+                {}, {"image_size": kwargs["image_size"], **({"prediction_resolution": kwargs["prediction_resolution"]}
+                                                            if "prediction_resolution" in kwargs else {})},
+                config_dict.get("image_size"), config_dict["prediction_resolution"]))
         result = super().from_dict(config_dict, **kwargs)
         config = result[0] if kwargs.get("return_unused_kwargs") else result
         if any(key in kwargs for key in cls._init_field_names()):
@@ -591,8 +598,8 @@ class SimMIMConfig(PretrainedConfig):
         values = self.to_dict()
         for key in ("architectures", "auto_map", "transformers_version", "model_type", "_name_or_path"):
             values.pop(key, None)
-        values.update(overrides)  # derived fields are not in `to_dict`: recomputed unless overridden
-        return type(self)(**values)
+        values.update(_keep_prediction_factor(values, overrides, self.image_size, self.prediction_resolution))
+        return type(self)(**values)  # derived fields are not in `to_dict`: recomputed unless overridden
 
     def update_from_string(self, update_str: str) -> None:
         """transformers' in-place `update_from_string`, with lists and full validation (see `with_overrides`)."""
@@ -628,6 +635,20 @@ class SimMIMConfig(PretrainedConfig):
     def num_layers_for_decay(self) -> int:
         """Number of blocks, the `depth` of layer-wise lr decay."""
         return self.num_hidden_layers if self.encoder_type == "vit" else sum(self.depths)
+
+
+def _keep_prediction_factor(values: dict, overrides: dict, old_image_size, old_resolution) -> dict:
+    """`overrides`, plus the `prediction_resolution` that keeps the averaging factor image_size / r (and so the
+    head's shape) when `image_size` changes and r is not itself overridden."""
+    new_size = overrides.get("image_size")
+    if not old_resolution or new_size is None or "prediction_resolution" in overrides or not old_image_size:
+        return dict(overrides)
+    factor = old_image_size // old_resolution
+    if new_size % factor:
+        raise ValueError(f"image_size={new_size} with prediction_resolution={old_resolution} at image_size="
+                         f"{old_image_size}: the averaging factor {factor} must divide the new image_size; pass "
+                         "prediction_resolution too.")
+    return {**overrides, "prediction_resolution": new_size // factor}
 
 
 def parse_config_overrides(text: str, config: PretrainedConfig | None = None) -> dict:

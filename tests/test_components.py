@@ -239,6 +239,21 @@ def test_options_round_trip_through_save_pretrained_and_overrides(tmp_path):
     assert SimMIMForMaskedImageModeling(wider)(torch.randn(1, 3, 32, 32)).reconstruction.shape == (1, 3, 32, 32)
 
 
+
+def test_a_new_image_size_keeps_the_prediction_resolution_factor(tmp_path):
+    """The paper's sweep pretrains Swin-B at 192 px and fine-tunes at 224: r follows the size (factor 4 stays 4),
+    and a checkpoint reloaded at another size keeps its head's shape."""
+    config = SimMIMConfig.from_preset("swin-base-w6-192", prediction_resolution=48)
+    assert config.with_overrides(dict(image_size=224, window_size=7)).prediction_resolution == 56
+    model = SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swin-nano-w4-32", prediction_resolution=16))
+    model.save_pretrained(tmp_path)
+    reloaded = SimMIMForMaskedImageModeling.from_pretrained(tmp_path, image_size=64)
+    assert reloaded.config.prediction_resolution == 32
+    assert torch.equal(reloaded.state_dict()["decoder.0.weight"], model.state_dict()["decoder.0.weight"])
+    with pytest.raises(ValueError, match="averaging factor 2 must divide the new image_size"):
+        SimMIMConfig.from_preset("swin-nano-w4-32", prediction_resolution=16).with_overrides(dict(image_size=33))
+
+
 # ---------------------------------------------------------------------------------------------- heads
 @pytest.mark.parametrize("options, out_channels, upscale", [
     ({}, 4 * 4 * 3, 4),
