@@ -195,6 +195,11 @@ class OutputArguments(_Validated):
 class PretrainingArguments(OutputArguments, OptimizationArguments, DataArguments, ModelArguments):
     """`run_pretraining.py`: the shared groups with the paper's pretraining defaults, plus its own flags."""
 
+    # The official 100-epoch recipe (Swin-B at 192 px: 8e-4 for a batch of 2048, cosine). Its 800-epoch runs use
+    # 1e-4 / 5e-7 / 5e-6 with --num_train_epochs 800 --lr_scheduler_type multistep --lr_milestones 700.
+    base_learning_rate: float = _arg(2e-4, "Peak lr for a total batch of 512, scaled linearly with the real total batch.")
+    warmup_lr: float = _arg(1e-6, "Warmup start lr for a total batch of 512 (scaled like the peak lr).")
+    min_lr: float = _arg(1e-5, "Final lr of the schedule for a total batch of 512 (scaled like the peak lr).")
     config_name: str | None = _arg(help="Path or Hub id of a SimMIMConfig to train from scratch.")
     streaming: bool = _arg(False, "Stream --dataset_name instead of downloading it (needs --max_train_steps).")
     shuffle_buffer_size: int = _arg(10_000, "Shuffle buffer for --streaming.")

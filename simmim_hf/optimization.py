@@ -24,6 +24,7 @@ whether a group's initial ``lr`` was pre-scaled.
 
 from __future__ import annotations
 
+import logging
 import math
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
+
+logger = logging.getLogger(__name__)
 
 # Parameters whose name contains one of these never get weight decay (in addition to all 1-D parameters): the
 # names every ViT-family model (timm, BEiT, transformers, SimMIM) gives its tokens and position tables. A model class
@@ -307,8 +310,14 @@ class LearningRatePlan:
         ratio = peak_lr / args.base_learning_rate if args.base_learning_rate else 1.0
         if args.warmup_steps is not None:
             warmup_steps = args.warmup_steps
+        elif steps_per_epoch is None:
+            # A stream has no epochs: the warmup takes the share of the run that --warmup_epochs takes of
+            # --num_train_epochs (10 of 100 by default), rather than none at all.
+            warmup_steps = round(max_train_steps * min(1.0, args.warmup_epochs / max(args.num_train_epochs, 1)))
+            logger.info(f"Streaming: warmup of {warmup_steps} steps ({args.warmup_epochs:g} / "
+                        f"{args.num_train_epochs} of --max_train_steps); --warmup_steps sets it directly.")
         else:
-            warmup_steps = round(args.warmup_epochs * (steps_per_epoch or 0))
+            warmup_steps = round(args.warmup_epochs * steps_per_epoch)
         return cls(
             total_batch_size=total_batch_size, peak_lr=peak_lr, warmup_lr=args.warmup_lr * ratio,
             min_lr=args.min_lr * ratio, max_train_steps=max_train_steps,

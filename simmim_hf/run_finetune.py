@@ -205,7 +205,11 @@ def run(argv=None, callbacks=()) -> tuple[dict, torch.nn.Module]:
         "per_device_train_batch_size": args.per_device_train_batch_size, "num_processes": accelerator.num_processes,
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "max_train_steps": plan.max_train_steps,
         "train_samples": len(train_rows), "peak_lr": plan.peak_lr, "warmup_steps": plan.warmup_steps,
-        "seed": args.seed, "lr_scheduler_type": args.lr_scheduler_type, "linear_probe": args.linear_probe}
+        "seed": args.seed, "lr_scheduler_type": args.lr_scheduler_type, "linear_probe": args.linear_probe,
+        # Restored from the checkpoint with the scheduler and optimizer state, whatever the flags now say.
+        "milestones": list(plan.milestones), "warmup_lr": plan.warmup_lr, "min_lr": plan.min_lr,
+        "lr_gamma": args.lr_gamma, "weight_decay": args.weight_decay, "layer_decay": layer_decay,
+        "adam": [args.adam_beta1, args.adam_beta2, args.adam_epsilon]}
     if accelerator.is_main_process:
         accelerator.init_trackers(args.run_name or "simmim_finetune", config={
             k: v for k, v in public_dict(args).items() if isinstance(v, (int, float, str, bool))})

@@ -229,6 +229,9 @@ def main(argv=None, callbacks=()) -> int:
         "max_train_steps": plan.max_train_steps, "train_samples": None if args.streaming else len(train_rows),
         "streaming": args.streaming, "peak_lr": plan.peak_lr, "warmup_steps": plan.warmup_steps,
         "lr_scheduler_type": args.lr_scheduler_type, "milestones": list(plan.milestones),
+        # Restored from the checkpoint with the scheduler and optimizer state, whatever the flags now say.
+        "warmup_lr": plan.warmup_lr, "min_lr": plan.min_lr, "lr_gamma": args.lr_gamma,
+        "weight_decay": args.weight_decay, "adam": [args.adam_beta1, args.adam_beta2, args.adam_epsilon],
         # Which DataLoader worker reads which shards decides a stream's batches.
         "dataloader_num_workers": num_workers if args.streaming else None}
 

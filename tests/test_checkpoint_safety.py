@@ -155,6 +155,18 @@ def test_resume_latest_never_retrains_a_finished_run_whose_checkpoints_are_gone(
     assert (out / "model.safetensors").read_bytes() == weights
 
 
+def test_resume_refuses_schedule_and_optimizer_flags_the_checkpoint_would_override(tmp_path):
+    """The scheduler's and AdamW's saved state (milestones, gamma, warmup/min lr, weight decay, betas) comes back
+    with the checkpoint: new values for them would be logged and carded but never used."""
+    out = tmp_path / "out"
+    assert pretrain(["--output_dir", out, *TINY]) == 0
+    with pytest.raises(ValueError) as err:
+        pretrain(["--output_dir", out, *TINY, "--weight_decay", "0.1", "--lr_gamma", "0.5",
+                  "--resume_from_checkpoint", str(out / "checkpoints" / "checkpoint-2")])
+    assert "weight_decay: 0.05 in the checkpoint, 0.1 now" in str(err.value)
+    assert "lr_gamma: 0.1 in the checkpoint, 0.5 now" in str(err.value)
+
+
 def test_resume_with_another_batch_size_is_refused(tmp_path):
     out = tmp_path / "out"
     assert pretrain(["--output_dir", out, *TINY]) == 0

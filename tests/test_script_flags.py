@@ -108,7 +108,7 @@ def test_shared_flags_have_one_definition_and_the_same_defaults():
                 assert pre[field.name].default == fine[field.name].default, field.name
                 assert pre[field.name].metadata["help"] == fine[field.name].metadata["help"], field.name
     # Where the paper's recipes differ, only the default does.
-    assert (pre["base_learning_rate"].default, fine["base_learning_rate"].default) == (1e-4, 1.25e-3)
+    assert (pre["base_learning_rate"].default, fine["base_learning_rate"].default) == (2e-4, 1.25e-3)
     assert (pre["warmup_epochs"].default, fine["warmup_epochs"].default) == (10.0, 20.0)
 
 
@@ -143,13 +143,16 @@ def test_learning_rate_plan_scales_and_keeps_warmup_and_final_ratios(tmp_path):
                                              "--num_train_epochs", "4", "--lr_milestones", "2.5"])
     plan = LearningRatePlan.from_args(args, num_processes=4, batches_per_epoch=21)
     assert plan.total_batch_size == 256 and plan.steps_per_epoch == 11  # ceil(21 / 2): the last step is partial
-    assert plan.peak_lr == pytest.approx(1e-4 * 256 / 512)
-    assert (plan.warmup_lr, plan.min_lr) == (pytest.approx(5e-7 * 0.5), pytest.approx(5e-6 * 0.5))
+    assert plan.peak_lr == pytest.approx(2e-4 * 256 / 512)  # the official 100-epoch recipe, per 512 images
+    assert (plan.warmup_lr, plan.min_lr) == (pytest.approx(1e-6 * 0.5), pytest.approx(1e-5 * 0.5))
     assert (plan.max_train_steps, plan.warmup_steps, plan.milestones, plan.num_epochs) == (44, 16, (27,), 4)
     given = LearningRatePlan.from_args(dataclasses.replace(args, learning_rate=1e-3), 4, 21)
-    assert given.peak_lr == 1e-3 and given.min_lr == pytest.approx(5e-6 * 10)  # the same ratio to the peak
+    assert given.peak_lr == 1e-3 and given.min_lr == pytest.approx(1e-5 * 5)  # the same ratio to the peak
     stream = LearningRatePlan.from_args(dataclasses.replace(args, max_train_steps=7, warmup_steps=100), 4, None)
     assert (stream.steps_per_epoch, stream.num_epochs, stream.max_train_steps, stream.warmup_steps) == (None, None, 7, 7)
+    # Without --warmup_steps a stream warms up for the recipe's share of the run (1.5 of 4 epochs), not for 0 steps.
+    stream = LearningRatePlan.from_args(dataclasses.replace(args, max_train_steps=1000), 4, None)
+    assert stream.warmup_steps == 375
     with pytest.raises(ValueError, match="max_train_steps"):
         LearningRatePlan.from_args(args, 4, None)
 
