@@ -1027,13 +1027,20 @@ def normalize_targets(targets: torch.Tensor, window: int) -> torch.Tensor:
     (n valid pixels: fewer at the borders); the variance is made unbiased (x n / (n - 1)) and clamped at 0.
     Returns (x - mean) / sqrt(var + 1e-6), the shape of `targets` (B, C, H, W).
     """
+    mean, scale = local_target_stats(targets, window)
+    return (targets - mean) / scale
+
+
+def local_target_stats(targets: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, sqrt(unbiased variance + 1e-6)) over each pixel's `window` x `window` neighbourhood clipped to the
+    image: what `normalize_targets` subtracts and divides by (and what shows a prediction as an image again)."""
     pad = window // 2
     mean = F.avg_pool2d(targets, window, stride=1, padding=pad, count_include_pad=False)
     mean_of_squares = F.avg_pool2d(targets**2, window, stride=1, padding=pad, count_include_pad=False)
     # Valid pixels per window: the padded average of ones times the window area.
     count = F.avg_pool2d(torch.ones_like(targets), window, stride=1, padding=pad, count_include_pad=True) * window**2
     variance = ((mean_of_squares - mean**2) * (count / (count - 1))).clamp(min=0.0)
-    return (targets - mean) / (variance + 1e-6) ** 0.5
+    return mean, (variance + 1e-6) ** 0.5
 
 
 def _channel_stats(config: SimMIMConfig, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1184,6 +1191,19 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         if f > 1:
             prediction = prediction.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
         return prediction
+
+    def reconstruction_in_input_space(self, reconstruction: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`reconstruction` normalised like the input, so it can be shown as an image: with a locally normalised
+        target, the prediction is mapped back with the local statistics of `pixel_values`' own windows (those the
+        target was normalised with); otherwise it is returned as it is."""
+        config = self.config
+        if config.norm_target_patch_size is None or config.loss_type == "color_ce":
+            return reconstruction
+        f = config.prediction_downsample
+        mean, scale = local_target_stats(area_average(pixel_values, f).float(), config.norm_target_patch_size)
+        if f > 1:
+            mean, scale = (t.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3) for t in (mean, scale))
+        return reconstruction.float() * scale + mean
 
     @can_return_tuple
     def forward(

@@ -134,11 +134,14 @@ def write_reconstructions(model, batch, processor, accelerator, path: Path) -> N
     model.eval()
     out = model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"])
     model.train()
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    # A locally normalised target's prediction is shown mapped back to the image's own normalisation.
+    reconstruction = unwrapped.reconstruction_in_input_space(out.reconstruction, batch["pixel_values"])
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_reconstruction_grid(path, batch["pixel_values"], out.reconstruction.float(), batch["bool_masked_pos"],
-                                 accelerator.unwrap_model(model, keep_torch_compile=False).config.patch_size,
-                                 image_mean=processor.image_mean, image_std=processor.image_std)
+        save_reconstruction_grid(path, batch["pixel_values"], reconstruction.float(), batch["bool_masked_pos"],
+                                 unwrapped.config.patch_size, image_mean=processor.image_mean,
+                                 image_std=processor.image_std)
 
 
 class EvaluateAndVisualize(LoopCallback):

@@ -573,3 +573,19 @@ def test_expected_avgdist_reproduces_the_paper_and_its_trends():
     assert expected_average_masked_distance(lower_ratio, num_samples=8) < avgdist
     # The central strategy masks one block (5x5 units minus 3): farther from the visible pixels than random.
     assert expected_average_masked_distance(paper, num_samples=1, strategy="central") > 1.3 * avgdist
+
+
+@pytest.mark.parametrize("options", [dict(norm_target_patch_size=7), dict(norm_target_patch_size=5,
+                                                                          prediction_resolution=16), {}])
+def test_a_perfect_prediction_maps_back_to_the_image_it_predicts(options):
+    """The reconstruction grid shows the prediction as an image: a perfect prediction of a locally normalised
+    target, mapped back, is the (area-averaged) input itself; without that option nothing changes."""
+    from simmim_hf.modeling_simmim import area_average
+
+    model = SimMIMForMaskedImageModeling(SimMIMConfig.from_preset(VIT, **options))
+    pixel_values = torch.randn(2, 3, 32, 32)
+    perfect = model.prediction_to_image(model.targets(pixel_values))
+    shown = model.reconstruction_in_input_space(perfect, pixel_values)
+    f = model.config.prediction_downsample
+    expected = area_average(pixel_values, f).repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
+    torch.testing.assert_close(shown, expected, rtol=0, atol=1e-4)
