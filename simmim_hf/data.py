@@ -447,7 +447,14 @@ def load_pretraining_data(args):
     else:
         from . import sample_data
 
-        train_ds = sample_data.load_sample_dataset(repeats=getattr(args, "sample_data_repeats", 1))
+        repeats = getattr(args, "sample_data_repeats", 1)
+        train_ds = sample_data.load_sample_dataset()
+        if args.validation_split_percentage:
+            # Split the photos, then repeat: a held-out copy of a training photo would not be held out.
+            split = train_ds.train_test_split(test_size=args.validation_split_percentage / 100.0, seed=args.seed)
+            train_ds, eval_ds = split["train"], split["test"]
+        if repeats > 1:
+            train_ds = datasets.concatenate_datasets([train_ds] * repeats)
         description = sample_data.describe()
     column = find_image_column(train_ds.features, args.image_column_name,
                                args.dataset_name or args.train_dir or "the data")

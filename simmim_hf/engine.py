@@ -387,10 +387,13 @@ class TrainingLoop:
                         progress.update(1)
                     if state.global_step % self.logging_steps == 0 or state.global_step == max_steps:
                         self._log(state, progress)
+                    aside = time.perf_counter()
                     for callback in self.callbacks:
                         callback.on_step_end(self, state)
                     if self.checkpointing_steps and state.global_step % self.checkpointing_steps == 0:
                         self.save_checkpoint(state)
+                    # Evaluation, pictures and checkpoints are not training: images/s leaves their time out.
+                    self._log_time += time.perf_counter() - aside
                     if preemption.should_stop():
                         state.preempted = True
                         break

@@ -149,11 +149,15 @@ class EvaluateAndVisualize(LoopCallback):
 
     def __init__(self, args, eval_dataloader, vis_batch, processor):
         self.args, self.eval_dataloader, self.vis_batch, self.processor = args, eval_dataloader, vis_batch, processor
-        self.eval_loss = None
+        self.eval_loss, self.eval_step = None, None
+        if args.eval_steps and eval_dataloader is None:
+            logger.warning(f"--eval_steps {args.eval_steps}: there is no evaluation set, so nothing is evaluated. Give "
+                           "--validation_dir / --validation_split, or hold out --validation_split_percentage.")
 
     def on_step_end(self, loop, state):
         step, args = state.global_step, self.args
         if self.eval_dataloader is not None and args.eval_steps and step % args.eval_steps == 0:
+            self.eval_step = step
             self.eval_loss = evaluate(loop.model, self.eval_dataloader, loop.accelerator)
             loop.accelerator.log({"eval/loss": self.eval_loss}, step=step)
             logger.info(f"step {step}: eval loss {self.eval_loss:.4f}")
@@ -280,7 +284,7 @@ def main(argv=None, callbacks=()) -> int:
         return 0
 
     # ---------------------------------------------------------------------------------------- saving
-    if eval_dataloader is not None:
+    if eval_dataloader is not None and evaluation.eval_step != state.global_step:  # not twice at the last step
         evaluation.eval_loss = evaluate(model, eval_dataloader, accelerator)
         accelerator.log({"eval/loss": evaluation.eval_loss}, step=state.global_step)
         logger.info(f"Final eval loss {evaluation.eval_loss:.4f}")

@@ -284,6 +284,31 @@ def test_sigterm_to_the_whole_process_group_still_saves_a_checkpoint(tmp_path):
     assert "Received signal" in log and "Traceback" not in log
 
 
+def test_the_embedded_data_holds_out_whole_photos_and_evaluates_the_last_step_once(tmp_path, caplog):
+    """--validation_split_percentage on the embedded photos holds out photos, not copies of training photos; an
+    evaluation at the last step is not repeated by the final one; --eval_steps without an evaluation set warns."""
+    from types import SimpleNamespace
+
+    from simmim_hf.data import load_pretraining_data
+
+    args = SimpleNamespace(dataset_name=None, train_dir=None, sample_data_repeats=4, validation_split_percentage=20,
+                           seed=0, image_column_name=None, max_train_samples=None, max_eval_samples=None)
+    train, evaluation, _, _ = load_pretraining_data(args)
+    assert (len(train), len(evaluation)) == (64, 4) and not set(train["file_name"]) & set(evaluation["file_name"])
+
+    recorder = Recorder()
+    with caplog.at_level(logging.INFO):
+        assert pretrain([*COMMON, "--max_train_steps", "4", "--eval_steps", "2", "--output_dir", tmp_path / "a"],
+                        callbacks=[recorder]) == 0
+    evaluations = [r.getMessage() for r in caplog.records if "eval loss" in r.getMessage()]
+    assert len(evaluations) == 2 and "Final eval loss" not in " ".join(evaluations)  # steps 2 and 4, once each
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert pretrain([*COMMON, "--max_train_steps", "2", "--eval_steps", "1", "--validation_split_percentage", "0",
+                         "--output_dir", tmp_path / "b"]) == 0
+    assert any("there is no evaluation set" in r.getMessage() for r in caplog.records)
+
+
 def _weights_at_init() -> dict:
     from transformers import set_seed
 
