@@ -953,7 +953,15 @@ def _load_transformers_model(path):
             f"{str(path)!r} has model_type={config.model_type!r}; expected one of {sorted(classes)} "
             "(transformers' ViT, Swin or Swinv2 for masked image modeling, or a Swinv2 encoder)."
         )
-    return classes[config.model_type].from_pretrained(path).eval()
+    architectures = config.architectures or []
+    if config.model_type in ("vit", "swin") and not any(a.endswith("ForMaskedImageModeling") for a in architectures):
+        # Loading it as a masked-image-modeling model would give a freshly random decoder, converted as if trained.
+        raise ValueError(
+            f"{str(path)!r} is a {architectures or config.model_type} checkpoint without the SimMIM decoder; "
+            f"--source transformers converts {config.model_type.capitalize()}ForMaskedImageModeling checkpoints "
+            "(for fine-tuning from other weights, load them into SimMIMForImageClassification by hand).")
+    # float32: the checks compare rebuilt buffers (SwinV2's coordinate tables) with ours at float32 precision.
+    return classes[config.model_type].from_pretrained(path, dtype=torch.float32).eval()
 
 
 # ---------------------------------------------------------------------------------------------- transformers SwinV2
@@ -1052,7 +1060,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="official: .pth/.bin/.safetensors file, or a Hub file as hf://<repo>/<path> or a "
                              "https://huggingface.co/<repo>/resolve/<revision>/<path> URL (e.g. the SwinV2 zoo, "
                              f"{SWINV2_ZOO_REPO}); transformers: model folder or Hub id")
-    parser.add_argument("--output", required=True, help="folder to write (save_pretrained layout)")
+    parser.add_argument("--output", required=True, help="folder to write (save_pretrained layout); new or empty")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     parser.add_argument("--mask_patch_size", type=int,
                         help="masking unit in pixels (default: checkpoint config, else 32 at >= 192 px and "
                              "scaled with the image below, leaving at least 4x4 units)")
@@ -1072,6 +1081,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.source not in SOURCES:
         raise ValueError(f"`--source` must be one of {SOURCES}; got {args.source!r}.")
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        # Also catches --output pointing at the source folder, which the conversion would overwrite.
+        raise ValueError(f"`--output` {args.output!r} exists and is not empty; choose a new folder, or pass "
+                         "--overwrite to write into it.")
     overrides = {
         key: getattr(args, key) for key in ("mask_patch_size", "mask_ratio", "layer_norm_eps", "drop_path_rate",
                                             "window_size", "norm_target_patch_size")
@@ -1085,6 +1099,9 @@ def main(argv: list[str] | None = None) -> None:
         overrides = {key: value for key, value in overrides.items() if value is not None}
         if overrides.get("norm_target_patch_size") == 0:  # off, the default here
             del overrides["norm_target_patch_size"]
+        if "layer_norm_eps" in overrides:  # the checkpoint's config states it; another value changes the model
+            raise ValueError("`--layer_norm_eps` applies to --source official only: a transformers checkpoint's "
+                             "config states its own.")
         model = convert_transformers_checkpoint(args.checkpoint, **overrides)
     output = save_converted(model, args.output)
     config = model.config

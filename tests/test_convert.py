@@ -292,3 +292,27 @@ def test_transformers_configs_that_cannot_convert_exactly():
                                                  layer_norm_eps=1e-6))
     with pytest.raises(ValueError, match="layer_norm_eps"):
         convert_transformers_checkpoint(swin)
+
+
+def test_folders_the_transformers_conversion_must_refuse(tmp_path):
+    """A ViT/Swin folder without the SimMIM decoder (it would convert with a random decoder), an output folder
+    that is not empty (e.g. the source itself), and a --layer_norm_eps that contradicts the checkpoint."""
+    from transformers import ViTForImageClassification
+
+    small = dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=64, encoder_stride=4)
+    ViTForImageClassification(ViTConfig(**small, num_labels=3)).save_pretrained(tmp_path / "classifier")
+    with pytest.raises(ValueError, match="without the SimMIM decoder"):
+        convert_transformers_checkpoint(tmp_path / "classifier")
+    ViTForMaskedImageModeling(ViTConfig(**small)).save_pretrained(tmp_path / "mim")
+    source_files = {p.name: p.read_bytes() for p in (tmp_path / "mim").iterdir()}
+    with pytest.raises(ValueError, match="exists and is not empty.*--overwrite"):
+        main(["--source", "transformers", "--checkpoint", str(tmp_path / "mim"), "--output", str(tmp_path / "mim")])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "mim").iterdir()} == source_files
+    with pytest.raises(ValueError, match="--layer_norm_eps` applies to --source official only"):
+        main(["--source", "transformers", "--checkpoint", str(tmp_path / "mim"), "--output", str(tmp_path / "out"),
+              "--layer_norm_eps", "0.01"])
+    main(["--source", "transformers", "--checkpoint", str(tmp_path / "mim"), "--output", str(tmp_path / "out")])
+    main(["--source", "transformers", "--checkpoint", str(tmp_path / "mim"), "--output", str(tmp_path / "out"),
+          "--overwrite"])
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -220,6 +220,11 @@ def test_transformers_swinv2_encoder_and_cli_folder(tmp_path):
         expected = mim(pixel_values, bool_masked_pos=bool_masked_pos)
         actual = loaded(pixel_values, bool_masked_pos=bool_masked_pos)
     assert (expected.reconstruction - actual.reconstruction).abs().max().item() <= TOLERANCE
+    # Saved in half precision (as many Hub uploads are): converted at float32, its rebuilt tables still agree.
+    mim.half().save_pretrained(tmp_path / "hf16")
+    half = convert_transformers_checkpoint(tmp_path / "hf16")
+    stem = mim.swinv2.embeddings.patch_embeddings.projection.weight
+    assert torch.equal(half.simmim.embeddings.projection.weight, stem.float())
 
 
 def test_transformers_swinv2_that_cannot_convert_exactly():
