@@ -35,6 +35,7 @@ import argparse
 import codecs
 import collections
 import importlib
+import logging
 import math
 import pickle
 import re
@@ -47,6 +48,8 @@ from huggingface_hub import hf_hub_download
 from .configuration_simmim import SimMIMConfig
 from .modeling_simmim import SimMIMForMaskedImageModeling, SimMIMModel
 from .transfer import square_side
+
+logger = logging.getLogger(__name__)
 
 SOURCES = ("official", "transformers")
 
@@ -1039,12 +1042,17 @@ def save_converted(model: SimMIMForMaskedImageModeling, output_dir: str | Path) 
     """Write a Hub-ready folder: safetensors weights, config.json with `auto_map`, the model code, and the
     image processor config when simmim_hf provides an image processor."""
     output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
     package = importlib.import_module(__package__ or "simmim_hf")
     processor_class = getattr(package, "SimMIMImageProcessor", None)
-    if processor_class is not None:
+    processor = None
+    if processor_class is not None and model.config.num_channels == 3:  # the processor makes RGB images
         processor = processor_class.from_config(model.config) if hasattr(processor_class, "from_config") \
             else processor_class()
+    elif processor_class is not None:
+        logger.warning("No image processor written: SimMIMImageProcessor makes RGB images and this model takes "
+                       "%d channel(s); prepare its pixel_values yourself.", model.config.num_channels)
+    model.save_pretrained(output_dir)
+    if processor is not None:
         processor.save_pretrained(output_dir)
     return output_dir
 

@@ -316,3 +316,12 @@ def test_folders_the_transformers_conversion_must_refuse(tmp_path):
     main(["--source", "transformers", "--checkpoint", str(tmp_path / "mim"), "--output", str(tmp_path / "out"),
           "--overwrite"])
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_one_channel_model_converts_without_a_processor(tmp_path):
+    small = dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=64, encoder_stride=4, num_channels=1)
+    ViTForMaskedImageModeling(ViTConfig(**small)).save_pretrained(tmp_path / "grey")
+    main(["--source", "transformers", "--checkpoint", str(tmp_path / "grey"), "--output", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert not (tmp_path / "out" / "preprocessor_config.json").exists()  # SimMIMImageProcessor makes RGB only
