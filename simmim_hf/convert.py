@@ -874,6 +874,19 @@ def _check_swin_index_buffers(hf_model, model: SimMIMForMaskedImageModeling, ori
             raise ValueError(f"{origin}: relative position index of {name} differs from simmim_hf's {key}.")
 
 
+def _source_normalisation(path) -> dict:
+    """The input normalisation the source was trained with (`image_mean` / `image_std` of its local
+    preprocessor_config.json), which the converted model's config and processor then keep; {} without one."""
+    import json
+
+    file = Path(str(path)) / "preprocessor_config.json"
+    if not file.is_file():
+        return {}
+    saved = json.loads(file.read_text(encoding="utf-8"))
+    return {key: list(saved[key]) for key in ("image_mean", "image_std")
+            if isinstance(saved.get(key), (list, tuple)) and len(saved[key]) == 3}
+
+
 def convert_transformers_checkpoint(model_or_path, **overrides) -> SimMIMForMaskedImageModeling:
     """Convert transformers' `ViTForMaskedImageModeling` or `SwinForMaskedImageModeling` into simmim_hf.
 
@@ -911,6 +924,8 @@ def convert_transformers_checkpoint(model_or_path, **overrides) -> SimMIMForMask
             f"`model_or_path` must be a ViTForMaskedImageModeling or SwinForMaskedImageModeling, or a "
             f"Swinv2ForMaskedImageModeling or Swinv2Model; got {type(hf_model).__name__} ({origin})."
         )
+    if not isinstance(model_or_path, PreTrainedModel):
+        kwargs.update(_source_normalisation(model_or_path))
     kwargs = _merge_overrides(kwargs, overrides, "transformers")
     kwargs.setdefault("mask_patch_size", _default_mask_patch_size(kwargs["image_size"], kwargs["patch_size"]))
     config = _build_config(kwargs, origin)

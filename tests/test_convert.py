@@ -325,3 +325,17 @@ def test_a_one_channel_model_converts_without_a_processor(tmp_path):
     main(["--source", "transformers", "--checkpoint", str(tmp_path / "grey"), "--output", str(tmp_path / "out")])
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert not (tmp_path / "out" / "preprocessor_config.json").exists()  # SimMIMImageProcessor makes RGB only
+
+
+def test_the_converted_processor_keeps_the_sources_normalisation(tmp_path):
+    """A transformers folder saved with its processor (here mean = std = 0.5): the converted model is fed the same
+    normalised pixels, so its config and processor keep those statistics."""
+    from transformers import ViTImageProcessorPil
+
+    small = dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=64, encoder_stride=4)
+    ViTForMaskedImageModeling(ViTConfig(**small)).save_pretrained(tmp_path / "src")
+    ViTImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3, size=32).save_pretrained(tmp_path / "src")
+    main(["--source", "transformers", "--checkpoint", str(tmp_path / "src"), "--output", str(tmp_path / "out")])
+    saved = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert saved["image_mean"] == saved["image_std"] == [0.5, 0.5, 0.5]
