@@ -8,6 +8,10 @@ are opened, so this costs no import time. Install them with `pip install simmim_
 
 Only files that ship inside the wheels are listed here: scikit-image fetches its other datasets from the
 network on first use, which this module must never do.
+
+The images keep their own terms: their sources and licences are listed in `skimage/data/README.txt` and
+`sklearn/datasets/images/README.txt` inside those packages (scikit-learn's two photos are CC BY 2.0, by Flickr
+users danielbuechele and vultilion); the pretraining card of a run on them says so.
 """
 
 from __future__ import annotations
