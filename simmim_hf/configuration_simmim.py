@@ -556,11 +556,7 @@ class SimMIMConfig(PretrainedConfig):
         keyword overrides such as `from_pretrained(path, mask_ratio=0.5)` with setattr, bypassing `__init__`; a
         config changed that way is rebuilt once through `__init__`, which checks it as a whole and recomputes the
         fields derived from others (`from_pretrained(path, patch_size=8)` changes `encoder_stride` too)."""
-        if kwargs.get("image_size") is not None and config_dict.get("prediction_resolution"):
-            kwargs.update(_keep_prediction_factor(
-                {}, {"image_size": kwargs["image_size"], **({"prediction_resolution": kwargs["prediction_resolution"]}
-                                                            if "prediction_resolution" in kwargs else {})},
-                config_dict.get("image_size"), config_dict["prediction_resolution"]))
+        kwargs = _keep_prediction_factor(kwargs, config_dict.get("image_size"), config_dict.get("prediction_resolution"))
         result = super().from_dict(config_dict, **kwargs)
         config = result[0] if kwargs.get("return_unused_kwargs") else result
         if any(key in kwargs for key in cls._init_field_names()):
@@ -598,7 +594,7 @@ class SimMIMConfig(PretrainedConfig):
         values = self.to_dict()
         for key in ("architectures", "auto_map", "transformers_version", "model_type", "_name_or_path"):
             values.pop(key, None)
-        values.update(_keep_prediction_factor(values, overrides, self.image_size, self.prediction_resolution))
+        values.update(_keep_prediction_factor(overrides, self.image_size, self.prediction_resolution))
         return type(self)(**values)  # derived fields are not in `to_dict`: recomputed unless overridden
 
     def update_from_string(self, update_str: str) -> None:
@@ -637,7 +633,7 @@ class SimMIMConfig(PretrainedConfig):
         return self.num_hidden_layers if self.encoder_type == "vit" else sum(self.depths)
 
 
-def _keep_prediction_factor(values: dict, overrides: dict, old_image_size, old_resolution) -> dict:
+def _keep_prediction_factor(overrides: dict, old_image_size, old_resolution) -> dict:
     """`overrides`, plus the `prediction_resolution` that keeps the averaging factor image_size / r (and so the
     head's shape) when `image_size` changes and r is not itself overridden."""
     new_size = overrides.get("image_size")

@@ -225,10 +225,7 @@ class TrainingLoop:
                            skipped_steps=int(stats.get("skipped_steps", 0)),
                            unreadable_images=int(stats.get("unreadable_images", 0)),
                            extra=dict(stored.get("extra") or {}))
-        self.guard.total_skipped = state.skipped_steps  # the run's totals continue, as its results report them
-        consecutive = float(stats.get("consecutive_nonfinite", 0))
-        self.guard.consecutive = torch.full((), consecutive, device=self.guard.device)
-        self.guard.longest = self.guard.consecutive.clone()
+        self.guard.resume(state.skipped_steps, stats.get("consecutive_nonfinite", 0))
         if stats.get("epoch_end_hooks_done"):
             self._epoch_end_step = state.global_step
         self.last_checkpoint_step = state.global_step  # what a save at this step would write is already there

@@ -425,13 +425,16 @@ class SimMIMImageProcessor(PilBackend):
         """In place: x * (rescale / std) - mean / std, rescaling and normalisation fused into two passes. Float
         inputs are already in [0, 1] and never rescaled; 8-bit data is rescaled unless do_rescale=False, which
         (as in transformers, whose warning suggests it for inputs already in [0, 1]) leaves values as they are."""
-        options = dict(dtype=torch.float32, device=pixel_values.device)
-        mean = torch.tensor(image_mean if do_normalize else (0.0, 0.0, 0.0), **options).view(1, 3, 1, 1)
-        std = torch.tensor(image_std if do_normalize else (1.0, 1.0, 1.0), **options).view(1, 3, 1, 1)
-        scale = torch.where(is_8bit.to(pixel_values.device), rescale_factor if do_rescale else 1.0, 1.0)
-        pixel_values.mul_(scale.view(-1, 1, 1, 1) / std)
+        mean = tuple(image_mean) if do_normalize else (0.0, 0.0, 0.0)
+        std = tuple(image_std) if do_normalize else (1.0, 1.0, 1.0)
+        device = pixel_values.device
+        factor, offset = _uint8_normalization(device, float(rescale_factor) if do_rescale else 1.0, mean, std)
+        if not bool(is_8bit.all()):  # float images (from deeper data) are in [0, 1] already: no rescale
+            unscaled, _ = _uint8_normalization(device, 1.0, mean, std)
+            factor = torch.where(is_8bit.to(device).view(-1, 1, 1, 1), factor, unscaled)
+        pixel_values.mul_(factor)
         if do_normalize:
-            pixel_values.sub_(mean / std)
+            pixel_values.sub_(offset)
         return pixel_values
 
     def normalize_uint8(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -440,19 +443,16 @@ class SimMIMImageProcessor(PilBackend):
         if pixel_values.dtype != torch.uint8 or pixel_values.ndim != 4:
             raise ValueError(f"`pixel_values` must be a uint8 (batch, 3, height, width) tensor from "
                              f"`return_uint8=True`; got dtype={pixel_values.dtype}, shape={tuple(pixel_values.shape)}.")
-        factor, offset = _uint8_normalization(
-            pixel_values.device, float(self.rescale_factor) if self.do_rescale else 1.0,
-            tuple(self.image_mean) if self.do_normalize else (0.0, 0.0, 0.0),
-            tuple(self.image_std) if self.do_normalize else (1.0, 1.0, 1.0))
-        # The CPU path's two passes, with the same constants: the result is bit-identical to it.
-        pixel_values = pixel_values.float().mul_(factor)
-        return pixel_values.sub_(offset) if self.do_normalize else pixel_values
+        is_8bit = torch.ones(pixel_values.shape[0], dtype=torch.bool)
+        return self._rescale_and_normalize(pixel_values.float(), is_8bit, self.do_rescale, self.rescale_factor,
+                                           self.do_normalize, self.image_mean, self.image_std)
 
 
 @lru_cache(maxsize=16)
 def _uint8_normalization(device: torch.device, rescale: float, mean: tuple, std: tuple):
     """(rescale / std, mean / std) as (1, 3, 1, 1) float32 tensors on `device`, made once per device and setting:
-    building them every step would copy from the host and wait for the accelerator (a sync per training step)."""
+    building them every step would copy from the host and wait for the accelerator (a sync per training step of
+    `normalize_uint8`). The CPU path uses the same constants, so both give bit-identical results."""
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     factor = torch.tensor(rescale, dtype=torch.float32) / std_t

@@ -1199,10 +1199,9 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         config = self.config
         if config.norm_target_patch_size is None or config.loss_type == "color_ce":
             return reconstruction
-        f = config.prediction_downsample
-        mean, scale = local_target_stats(area_average(pixel_values, f).float(), config.norm_target_patch_size)
-        if f > 1:
-            mean, scale = (t.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3) for t in (mean, scale))
+        stats = local_target_stats(area_average(pixel_values, config.prediction_downsample).float(),
+                                   config.norm_target_patch_size)
+        mean, scale = (self.prediction_to_image(t) for t in stats)  # at the reconstruction's resolution
         return reconstruction.float() * scale + mean
 
     @can_return_tuple

@@ -48,7 +48,13 @@ from .engine import LoopCallback, TrainingLoop, default_num_workers, save_model,
 from .evaluation import LinearProbe, evaluate_classifier
 from .image_processing_simmim import SimMIMImageProcessor
 from .optimization import LearningRatePlan, create_optimizer_and_scheduler
-from .training_utils import atomic_write_text, enable_gradient_checkpointing, publish_folder, to_json
+from .training_utils import (
+    atomic_write_text,
+    enable_gradient_checkpointing,
+    publish_folder,
+    staging_folder,
+    to_json,
+)
 from .transfer import load_pretrained_for_transfer
 
 logger = logging.getLogger(__name__)
@@ -126,7 +132,7 @@ class EvaluateAndSave(LoopCallback):
         """Write the model and its results next to `folder`, then swap it in: a failed save (a full disk, a kill)
         leaves the previous best/ or last/ whole."""
         accelerator, model = loop.accelerator, loop.model
-        staging = folder.with_name(f".tmp-{folder.name}")
+        staging = staging_folder(folder)
         if accelerator.is_main_process and staging.exists():
             shutil.rmtree(staging)  # left by a run killed mid-save
         accelerator.wait_for_everyone()

@@ -80,6 +80,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)  # atomic on POSIX and Windows within one filesystem
 
 
+def staging_folder(final: str | os.PathLike) -> Path:
+    """Where a complete copy of the folder `final` is written before `publish_folder` swaps it in."""
+    final = Path(final)
+    return final.with_name(f"{_TMP_PREFIX}{final.name}")
+
+
 def publish_folder(staging: str | os.PathLike, final: str | os.PathLike) -> None:
     """Make the complete folder `staging` the folder `final`, replacing any previous one: a failure before this
     (a full disk, a kill mid-save) leaves the previous `final` whole; the swap itself is two renames."""
@@ -392,6 +398,13 @@ class NonFiniteGuard:
         self.skipped = torch.zeros((), device=self.device)
         self.total_skipped = 0
 
+    def resume(self, total_skipped: int, consecutive: int) -> None:
+        """Continue a resumed run's counts: its total of skipped steps, and the run of non-finite steps in a row
+        it ended on (the stop rule counts on from there)."""
+        self.total_skipped = int(total_skipped)
+        self.consecutive = torch.full((), float(consecutive), device=self.device)
+        self.longest = self.consecutive.clone()
+
     def update(self, grad_norm: torch.Tensor) -> torch.Tensor:
         found_inf = (~torch.isfinite(grad_norm.detach().float())).float().reshape(()).to(self.device)
         self.consecutive = (self.consecutive + 1.0) * found_inf  # reset to 0 on a finite step
@@ -699,6 +712,7 @@ __all__ = [
     "NonFiniteGuard",
     "PreemptionHandler",
     "publish_folder",
+    "staging_folder",
     "atomic_write_text",
     "content_key",
     "format_count",
