@@ -309,6 +309,8 @@ def main(argv=None):
                 final, _ = run_finetune.run([
                     *finetune_arguments(folder, train_dir, out / "data" / "test", out / "ft" / f"{name}-{seed}",
                                         args, seed), *args.finetune_args.split()])
+                if final["preempted"]:  # stopped by a signal: a partial run's accuracy is no result
+                    raise SystemExit(final["stop_status"])
                 row["finetune"].append(final["last"]["accuracy"])
                 row["knn"].append(scores["knn"])
                 row["linear_probe"].append(scores["linear_probe"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -137,6 +138,9 @@ class TrainState:
     unreadable_images: int = 0
     stopped_early: bool = False
     preempted: bool = False
+    # The exit status a preempted job ends with: 128 + the signal (143 for SIGTERM), as a shell reports a
+    # process the signal killed, so a scheduler, a retry wrapper or `pretrain && finetune` sees an unfinished run.
+    stop_status: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -393,6 +397,8 @@ class TrainingLoop:
                     self._log_time += time.perf_counter() - aside
                     if preemption.should_stop():
                         state.preempted = True
+                        # Another rank's signal stops this one too (the flag is all-reduced): report SIGTERM then.
+                        state.stop_status = 128 + int(preemption.received or signal.SIGTERM)
                         break
                     if state.stopped_early or state.global_step >= max_steps:
                         break

@@ -257,7 +257,7 @@ def run(argv=None, callbacks=()) -> tuple[dict, torch.nn.Module]:
     results = {"best": best, "last": history[-1] if history else None, "history": history, "epochs": plan.num_epochs,
                "unreadable_train_images": state.unreadable_images, "train_samples": len(train_rows),
                "eval_samples": len(eval_rows), "num_classes": num_classes, "linear_probe": args.linear_probe,
-               "preempted": state.preempted, "stopped_early": state.stopped_early,
+               "preempted": state.preempted, "stop_status": state.stop_status, "stopped_early": state.stopped_early,
                "transfer_report": None if report is None else {
                    "interpolated": report.interpolated, "expanded_shared": report.expanded_shared,
                    "missing": report.missing, "unexpected": report.unexpected, "mismatched": report.mismatched}}
@@ -280,6 +280,8 @@ def main(argv=None) -> int:
     best = results["best"]
     print(json.dumps({"best_accuracy": best["accuracy"], "best_epoch": best["epoch"],
                       **({"best_top5_accuracy": best["top5_accuracy"]} if "top5_accuracy" in best else {})}))
+    if results["preempted"]:  # checkpointed, not finished: 128 + the signal, as a shell reports a killed process
+        return results["stop_status"]
     return 1 if results.get("hub_push_failed") or results["stopped_early"] else 0  # the model is saved locally either way
 
 

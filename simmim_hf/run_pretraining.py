@@ -14,7 +14,8 @@ What it guarantees:
 * Each sample's crop, flip and mask are a function of (seed, epoch, sample index) only, so resuming, the
   number of dataloader workers and the world size never change what a sample sees.
 * Checkpoints (model, optimizer, scheduler, RNG, data position) are written atomically; resuming from
-  step N gives the same weights as an uninterrupted run. SIGTERM saves a checkpoint and exits cleanly.
+  step N gives the same weights as an uninterrupted run. SIGTERM (or SIGUSR1) saves a checkpoint and exits with status 128 + the signal (143),
+  so a scheduler or a shell chain sees an unfinished run.
 * Steps with a non-finite loss are skipped (warning), and the run stops after N in a row.
 * The final model is a `save_pretrained` folder with the processor config, the model code (loadable with
   `trust_remote_code=True` without simmim_hf installed) and a model card; optionally pushed to the Hub.
@@ -277,11 +278,11 @@ def main(argv=None, callbacks=()) -> int:
         description="pretraining")
     state = loop.resume(resume_path) if resume_path is not None else None
     state = loop.run(state)
-    if state.preempted:
+    if state.preempted:  # checkpointed; not finished: no final model, and a non-zero status says so
         if pusher is not None:
             pusher.wait(timeout=60)
         accelerator.end_training()
-        return 0
+        return state.stop_status
 
     # ---------------------------------------------------------------------------------------- saving
     if eval_dataloader is not None and evaluation.eval_step != state.global_step:  # not twice at the last step

@@ -153,11 +153,20 @@ def test_sigterm_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
     stopper = Recorder(at_step={5: lambda: os.kill(os.getpid(), signal.SIGTERM)})
     state, _ = train(tmp_path / "cut", steps=12, callbacks=[stopper])
     assert state.preempted and state.global_step == 5 and stopper.steps == [1, 2, 3, 4, 5]
+    assert state.stop_status == 128 + signal.SIGTERM  # the scripts' exit status: unfinished, as a shell reports it
     assert (state.epoch, state.batches_in_epoch) == (0, 5)  # in the middle of the first epoch of 6 batches
     resumer = Recorder()
     state, resumed = train(tmp_path / "cut", steps=12, callbacks=[resumer], resume=True)
     assert resumer.steps == list(range(6, 13)) and state.global_step == 12
     assert torch.equal(full.weight, resumed.weight) and torch.equal(full.bias, resumed.bias)
+
+
+def test_sigusr1_stops_with_its_own_status(tmp_path):
+    """SLURM's `--signal=USR1@...` warning stops the run like SIGTERM; the status names the signal (138)."""
+    stopper = Recorder(at_step={2: lambda: os.kill(os.getpid(), signal.SIGUSR1)})
+    state, _ = train(tmp_path / "cut", steps=12, callbacks=[stopper])
+    assert state.preempted and stopper.steps == [1, 2] and state.stop_status == 128 + signal.SIGUSR1
+    assert (tmp_path / "cut" / "checkpoints" / "checkpoint-2" / "checkpoint_complete.json").is_file()
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])

@@ -117,6 +117,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(run_finetune, tmp_path):
     stopper = Recorder(at_step={2: lambda: os.kill(os.getpid(), signal.SIGTERM)})
     stopped, _ = run_finetune.run(["--output_dir", tmp_path / "cut", *args], callbacks=[stopper])
     assert stopped["preempted"] and stopper.steps == [1, 2] and stopped["history"] == []
+    assert stopped["stop_status"] == 128 + signal.SIGTERM  # what `main` exits with
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
     resumer = Recorder()
     resumed, _ = run_finetune.run(["--output_dir", tmp_path / "cut", *args, "--resume_from_checkpoint", "latest"],
