@@ -251,8 +251,9 @@ class SimMIMAttention(nn.Module):
         # The projection acts per token, so it runs in the (B, N, G, C) order the attention returns; the caller's
         # next reshape (the window reverse) makes the one copy back into its own order.
         output = self.proj_dropout(self.proj(context.view(b, n, g, c)))
-        if weights is not None:
-            weights = weights.view(b * g, self.num_heads, n, n)
+        # Eager attention returns its weights whether asked or not; passed on unasked, they would be a layer output
+        # that needs a gradient and never gets one, which reentrant gradient checkpointing refuses in backward.
+        weights = weights.view(b * g, self.num_heads, n, n) if output_attentions else None
         return output.transpose(1, 2), weights
 
 
@@ -625,8 +626,7 @@ class SimMIMSwinV2Attention(SimMIMAttention):
                 dropout=self.attention_dropout if self.training else 0.0, scaling=1.0, is_causal=False,
             )
         output = self.proj_dropout(self.proj(context.to(qkv.dtype).view(b, n, g, c)))
-        if weights is not None:
-            weights = weights.view(b * g, heads, n, n)
+        weights = weights.view(b * g, heads, n, n) if output_attentions else None  # unasked: none (see above)
         return output.transpose(1, 2), weights
 
 
@@ -1254,6 +1254,14 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
         self.simmim.embeddings.mask_token.requires_grad_(False)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        # Loading replaces the parameters, and the new mask token is trainable again (see `__init__`).
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.simmim.embeddings.mask_token.requires_grad_(False)
+        return loaded
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

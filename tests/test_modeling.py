@@ -12,7 +12,7 @@ from conftest import run_without_simmim_hf
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedImageModeling
 
-from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMModel, masked_l1_loss
+from simmim_hf import SimMIMConfig, SimMIMForImageClassification, SimMIMForMaskedImageModeling, SimMIMModel, masked_l1_loss
 
 PRESETS = {"vit": "vit-nano-p4-32", "swin": "swin-nano-w4-32", "swinv2": "swinv2-nano-w4-32"}
 AUTO_CLASSES = {"AutoConfig", "AutoModel", "AutoModelForMaskedImageModeling", "AutoModelForImageClassification"}
@@ -152,8 +152,12 @@ def test_cpu_training_with_a_learned_bias_takes_the_eager_path_with_sdpa_gradien
         torch.testing.assert_close(gradient, sdpa_gradients[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("kind", ["vit", "swin", "swinv2"])
-def test_gradient_checkpointing_gives_the_same_gradients(kind):
+def test_gradient_checkpointing_gives_the_same_gradients(kind, reentrant):
+    """Both checkpointing kinds. Reentrant checkpointing fails in backward on a layer output that needs a gradient
+    and gets none: the attention weights, which eager attention (the CPU training path with a learned bias) made
+    whether asked for or not."""
     pixel_values, bool_masked_pos = make_inputs(make_model(kind).config)
 
     def gradients(checkpointing: bool):
@@ -161,8 +165,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind):
         calls = []
         if checkpointing:
             # transformers 5.x renamed the method (the old name still works, with a FutureWarning).
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable()
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             for layer in model.modules():
                 if getattr(layer, "gradient_checkpointing", False):
                     inner = layer._gradient_checkpointing_func
@@ -221,6 +227,22 @@ def test_save_pretrained_round_trip(kind, tmp_path):
     assert type(AutoModelForMaskedImageModeling.from_pretrained(tmp_path)) is SimMIMForMaskedImageModeling
     assert type(AutoModel.from_pretrained(tmp_path)) is SimMIMModel
     assert type(AutoConfig.from_pretrained(tmp_path)) is SimMIMConfig
+
+
+def test_a_loaded_classifier_keeps_its_mask_token_frozen(tmp_path):
+    """Classification never masks, so the mask token is frozen (a trainable parameter without a gradient stops DDP
+    with `find_unused_parameters=False` at its second step); loading replaces the parameters and used to make it
+    trainable again."""
+    from transformers import AutoModelForImageClassification
+
+    SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("vit-nano-p4-32")).save_pretrained(tmp_path)
+    assert not SimMIMForImageClassification(SimMIMConfig.from_preset("vit-nano-p4-32")) \
+        .simmim.embeddings.mask_token.requires_grad
+    direct = SimMIMForImageClassification.from_pretrained(tmp_path, num_labels=3)
+    auto, info = AutoModelForImageClassification.from_pretrained(tmp_path, num_labels=3, output_loading_info=True)
+    for model in (direct, auto):
+        assert not model.simmim.embeddings.mask_token.requires_grad
+        assert all(p.requires_grad for n, p in model.named_parameters() if "mask_token" not in n)
 
 
 def test_saved_folder_loads_with_trust_remote_code_without_simmim_hf(tmp_path_factory):
@@ -396,7 +418,6 @@ def test_integer_masks_are_accepted(tiny_models):
 
 @kinds
 def test_return_dict_false_gives_the_output_fields_as_a_tuple(kind):
-    from simmim_hf import SimMIMForImageClassification
 
     model = make_model(kind).eval()
     pixel_values, bool_masked_pos = make_inputs(model.config)
