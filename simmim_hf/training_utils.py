@@ -47,6 +47,7 @@ LATEST_FILE = "latest"
 _TMP_PREFIX = ".tmp-"
 # A complete checkpoint moved aside while a same-step re-save replaces it; restored if the kill came between.
 _REPLACED_PREFIX = ".replaced-"
+_PREVIOUS_PREFIX = ".previous-run-"  # a run started over holds the previous run's checkpoints under this prefix
 SUPERSEDED_PREFIX = "superseded-"  # checkpoints beyond the one a run resumed from, once that run saves
 
 
@@ -98,6 +99,25 @@ def publish_folder(staging: str | os.PathLike, final: str | os.PathLike) -> None
     os.replace(staging, final)
     _fsync_dir(final.parent)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then the folders (best effort where unsupported)."""
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders that list them
+        if path.is_file():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        else:
+            _fsync_dir(path)
+    _fsync_dir(folder)
 
 
 def _fsync_dir(path: str | os.PathLike) -> None:
@@ -182,18 +202,37 @@ class CheckpointManager:
         return [found[step] for step in sorted(found)]
 
     def start_over(self) -> None:
-        """`--overwrite_output_dir`: the previous run's checkpoints are deleted when this run saves its first one,
-        so a later `--resume_from_checkpoint latest` never picks up the previous run, and a run that fails before
-        it has anything to save (a mistyped dataset, say) has not destroyed them."""
+        """`--overwrite_output_dir`: the previous run's checkpoints are deleted once this run's first checkpoint is
+        complete, so a later `--resume_from_checkpoint latest` never picks up the previous run, and a run that fails
+        before or while saving its first checkpoint (a mistyped dataset, a full disk) has not destroyed them."""
         self._start_over = self.root.exists()
         if self._start_over:
             logger.warning("--overwrite_output_dir: the previous run's checkpoints in %s will be deleted when this "
-                           "run saves its first checkpoint.", self.root)
+                           "run has saved its first checkpoint.", self.root)
 
-    def _delete_previous_run(self) -> None:  # main process, inside the first `save`
+    def _hold_previous_run(self) -> list[tuple[Path, Path]]:
+        """Main process, at the first save of a run started over: rename everything the previous run left in
+        `checkpoints/` to `.previous-run-<name>`, which nothing resolves or rotates, and return the (original,
+        held) pairs. Deleted once the new checkpoint is published; put back if the save fails (after a kill they
+        stay, and renaming them back restores them)."""
+        held = []
+        for child in sorted(self.root.iterdir()):
+            if child.name.startswith(_PREVIOUS_PREFIX):
+                continue  # held by an earlier start-over that was killed mid-save: goes with this hold
+            target = self.root / f"{_PREVIOUS_PREFIX}{child.name}"
+            if target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            os.replace(child, target)
+            held.append((child, target))
+        logger.warning("--overwrite_output_dir: the previous run's checkpoints are held as %s* until this "
+                       "run's first checkpoint is complete.", self.root / _PREVIOUS_PREFIX)
+        return held
+
+    def _delete_held(self) -> None:
         logger.warning("Deleting the previous run's checkpoints in %s (--overwrite_output_dir).", self.root)
         for child in self.root.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if child.name.startswith(_PREVIOUS_PREFIX):
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
     # -------------------------------------------------------------- saving
     def save(self, step: int, state: dict[str, Any]) -> Path:
@@ -203,32 +242,49 @@ class CheckpointManager:
         final = self.root / f"{CHECKPOINT_PREFIX}{step}"
         tmp = self.root / f"{_TMP_PREFIX}{CHECKPOINT_PREFIX}{step}"
         replaced = self.root / f"{_REPLACED_PREFIX}{CHECKPOINT_PREFIX}{step}"
+        start_over, self._start_over = self._start_over, False
+        held, published = [], False
         if acc.is_main_process:
-            if self._start_over:
-                self._delete_previous_run()
             self.root.mkdir(parents=True, exist_ok=True)
+            if start_over:
+                held = self._hold_previous_run()
             if tmp.exists():  # left over by a run killed mid-save
                 shutil.rmtree(tmp)
-        self._start_over = False
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
-        acc.wait_for_everyone()  # every rank's files (its RNG state at least) are written
+        try:
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp), safe_serialization=True)
+            # Every rank makes its files durable before the marker calls the checkpoint complete: otherwise a
+            # power loss can keep the marker and lose the weights, after rotation deleted the older copy.
+            _fsync_tree(tmp)
+            acc.wait_for_everyone()  # every rank's files (its RNG state at least) are written
+            if acc.is_main_process:
+                marker = {"step": int(step), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **state,
+                          "settings": self.settings}
+                atomic_write_text(tmp / COMPLETE_MARKER, json.dumps(marker, indent=2, sort_keys=True))
+                self._set_aside_abandoned_branch()
+                if final.exists():
+                    # Same step saved twice (e.g. SIGTERM right at a checkpointing step). The complete copy is
+                    # moved aside, not deleted, until the new one is in place: a kill in between leaves it
+                    # resolvable.
+                    if replaced.exists():
+                        shutil.rmtree(replaced)
+                    os.replace(final, replaced)
+                os.replace(tmp, final)
+                published = True
+                _fsync_dir(self.root)
+                atomic_write_text(self.root / LATEST_FILE, final.name + "\n")
+        except BaseException:
+            if held and not published:  # the previous run's checkpoints are all there is: put them back
+                for original, target in reversed(held):
+                    os.replace(target, original)
+                logger.error("The first checkpoint of this run failed; the previous run's checkpoints in %s are "
+                             "kept.", self.root)
+            raise
         if acc.is_main_process:
-            marker = {"step": int(step), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **state,
-                      "settings": self.settings}
-            atomic_write_text(tmp / COMPLETE_MARKER, json.dumps(marker, indent=2, sort_keys=True))
-            self._set_aside_abandoned_branch()
-            if final.exists():
-                # Same step saved twice (e.g. SIGTERM right at a checkpointing step). The complete copy is moved
-                # aside, not deleted, until the new one is in place: a kill in between leaves it resolvable.
-                if replaced.exists():
-                    shutil.rmtree(replaced)
-                os.replace(final, replaced)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            atomic_write_text(self.root / LATEST_FILE, final.name + "\n")
             if replaced.exists():
                 shutil.rmtree(replaced)
+            if held:
+                self._delete_held()
             self._rotate(keep=final)
         acc.wait_for_everyone()
         return final

@@ -85,6 +85,49 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
     assert [p.name for p in manager.list_checkpoints()] == ["checkpoint-4", "checkpoint-5"]
 
 
+def test_a_start_over_whose_first_save_fails_keeps_the_previous_run(tmp_path):
+    """--overwrite_output_dir with a full disk at the first save: the previous run's checkpoints come back and stay
+    resolvable; once a first save succeeds they are gone."""
+    previous = CheckpointManager(FakeAccelerator(), tmp_path)
+    for step in (4, 6):
+        save(previous, step, f"previous {step}")
+
+    class FullDisk(FakeAccelerator):
+        def save_state(self, folder, safe_serialization=True):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / "model.safetensors").write_text("torn")
+            raise OSError(28, "No space left on device")
+
+    manager = CheckpointManager(FullDisk(), tmp_path)
+    manager.start_over()
+    with pytest.raises(OSError, match="No space"):
+        save(manager, 2, "new")
+    resumable = CheckpointManager(FakeAccelerator(), tmp_path)
+    assert [p.name for p in resumable.list_checkpoints()] == ["checkpoint-4", "checkpoint-6"]
+    assert (resumable.resolve("latest") / "model.safetensors").read_text() == "previous 6"
+    manager = CheckpointManager(FakeAccelerator(), tmp_path)
+    manager.start_over()
+    save(manager, 2, "new")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2", "latest"]
+
+
+def test_checkpoint_files_are_durable_before_the_marker_calls_it_complete(tmp_path, monkeypatch):
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(training_utils.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or real_fsync(fd))
+    real_write = training_utils.atomic_write_text
+    order = []
+
+    def write(path, text, *args, **kwargs):
+        if Path(path).name == COMPLETE_MARKER:
+            order.append(list(synced))
+        return real_write(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(training_utils, "atomic_write_text", write)
+    save(CheckpointManager(FakeAccelerator(), tmp_path), 3, "x")
+    assert any(name.endswith("model.safetensors") for name in order[0]), order
+
+
 def test_resuming_with_changed_settings_is_refused_by_name(tmp_path):
     settings = {"per_device_train_batch_size": 4, "num_processes": 1, "peak_lr": 1e-3}
     manager = CheckpointManager(FakeAccelerator(), tmp_path, settings=settings)
