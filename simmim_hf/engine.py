@@ -105,6 +105,9 @@ def prepare_output_dir(accelerator, args) -> tuple[CheckpointManager, Path | Non
     (it wrote training_args.json); anything else needs --overwrite_output_dir, which deletes its checkpoints
     at this run's first save."""
     output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output_dir {output_dir} is a file; expected a folder (new or empty, or this "
+                                 "script's own run).")
     checkpoints = CheckpointManager(accelerator, output_dir, args.checkpoints_total_limit)
     if args.overwrite_output_dir:
         checkpoints.start_over()
@@ -120,6 +123,13 @@ def prepare_output_dir(accelerator, args) -> tuple[CheckpointManager, Path | Non
         raise ValueError(f"--output_dir {output_dir} is not empty and holds no checkpoint to resume. Pass "
                          "--overwrite_output_dir to start over in it (its files may be overwritten), or choose "
                          "another folder.")
+    # A checkpoint of another folder continues that run here: only into a new or empty folder, whose own files
+    # (another run's models, checkpoints that rotation would delete) it would otherwise overwrite.
+    foreign_resume = resume_path is not None and checkpoints.root.resolve() not in resume_path.resolve().parents
+    if foreign_resume and output_dir.is_dir() and any(output_dir.iterdir()):
+        raise ValueError(f"--resume_from_checkpoint {resume_path} is not one of --output_dir {output_dir}'s "
+                         "checkpoints, and that folder is not empty: continuing there would overwrite what it holds. "
+                         "Resume into a new or empty --output_dir.")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()

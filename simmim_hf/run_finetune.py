@@ -54,6 +54,7 @@ from .training_utils import (
     publish_folder,
     staging_folder,
     to_json,
+    training_setup,
 )
 from .transfer import load_pretrained_for_transfer
 
@@ -168,6 +169,28 @@ class EvaluateAndSave(LoopCallback):
         loop.save_checkpoint(state)
 
 
+def set_aside_later_results(accelerator, output_dir: Path, state) -> None:
+    """After a resume: a `best/` or `last/` that is not the checkpoint's own best or last evaluation came after it
+    (the checkpoint is older: resumed before a divergence, or killed between those saves and the checkpoint). It
+    is renamed `superseded-best` / `superseded-last` (`-2`, ... when taken), never deleted, so that `best/` and
+    its card always describe the branch being trained."""
+    history = state.extra.get("history", [])
+    expected = {"best": state.extra.get("best"), "last": history[-1] if history else None}
+    if accelerator.is_main_process:
+        for name, result in expected.items():
+            folder = output_dir / name
+            saved = folder / "eval_results.json"
+            if not folder.is_dir() or (saved.is_file() and json.loads(saved.read_text()) == result):
+                continue
+            target, number = output_dir / f"superseded-{name}", 2
+            while target.exists():
+                target, number = output_dir / f"superseded-{name}-{number}", number + 1
+            folder.rename(target)
+            logger.warning(f"{folder} is not the result of the checkpoint resumed from (it came after it); kept as "
+                           f"{target.name}, and {name}/ now follows this run.")
+    accelerator.wait_for_everyone()
+
+
 def run(argv=None, callbacks=()) -> tuple[dict, torch.nn.Module]:
     """Train and evaluate; returns (results, the unwrapped model). `main` is the command-line entry point."""
     args = parse_args(FinetuningArguments, argv, description=__doc__.split("\n\n")[0])
@@ -215,7 +238,15 @@ def run(argv=None, callbacks=()) -> tuple[dict, torch.nn.Module]:
         # Restored from the checkpoint with the scheduler and optimizer state, whatever the flags now say.
         "milestones": list(plan.milestones), "warmup_lr": plan.warmup_lr, "min_lr": plan.min_lr,
         "lr_gamma": args.lr_gamma, "weight_decay": args.weight_decay, "layer_decay": layer_decay,
-        "adam": [args.adam_beta1, args.adam_beta2, args.adam_epsilon]}
+        "adam": [args.adam_beta1, args.adam_beta2, args.adam_epsilon],
+        # Which images are trained on and which are held out (another split would evaluate on trained images).
+        "data_seed": args.data_seed, "train_label_fraction": args.train_label_fraction,
+        "validation_split": args.validation_split, "validation_split_percentage": args.validation_split_percentage,
+        "max_train_samples": args.max_train_samples, **training_setup(config, processor),
+        # The rest of the objective: augmentation and the mixed, smoothed targets.
+        "augmentation": augment_description,
+        "targets": {"mixup": args.mixup, "cutmix": args.cutmix, "switch_prob": args.mixup_switch_prob,
+                    "label_smoothing": args.label_smoothing}}
     if accelerator.is_main_process:
         accelerator.init_trackers(args.run_name or "simmim_finetune", config={
             k: v for k, v in public_dict(args).items() if isinstance(v, (int, float, str, bool))})
@@ -249,7 +280,10 @@ def run(argv=None, callbacks=()) -> tuple[dict, torch.nn.Module]:
         callbacks=[EvaluateAndSave(args, eval_dataloader, processor, num_classes), *callbacks],
         prepare_batch=lambda batch: {**batch, "pixel_values": processor.normalize_uint8(batch["pixel_values"])},
         description="linear probe" if args.linear_probe else "fine-tuning")
-    state = loop.run(loop.resume(resume_path) if resume_path is not None else None)
+    state = loop.resume(resume_path) if resume_path is not None else None
+    if state is not None:
+        set_aside_later_results(accelerator, output_dir, state)
+    state = loop.run(state)
 
     # ---------------------------------------------------------------------------------------- results
     history = state.extra.get("history", [])

@@ -46,7 +46,7 @@ from .engine import LoopCallback, TrainingLoop, default_num_workers, save_model,
 from .image_processing_simmim import SimMIMImageProcessor
 from .masking import expected_average_masked_distance
 from .optimization import LearningRatePlan, create_optimizer_and_scheduler
-from .training_utils import atomic_write_text, enable_gradient_checkpointing, to_json
+from .training_utils import atomic_write_text, enable_gradient_checkpointing, to_json, training_setup
 from .visualization import save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,12 @@ def main(argv=None, callbacks=()) -> int:
         "warmup_lr": plan.warmup_lr, "min_lr": plan.min_lr, "lr_gamma": args.lr_gamma,
         "weight_decay": args.weight_decay, "adam": [args.adam_beta1, args.adam_beta2, args.adam_epsilon],
         # Which DataLoader worker reads which shards decides a stream's batches.
-        "dataloader_num_workers": num_workers if args.streaming else None}
+        "dataloader_num_workers": num_workers if args.streaming else None,
+        # Which images are trained on and evaluated; for a stream, which come in which order.
+        "validation_split": args.validation_split, "validation_split_percentage": args.validation_split_percentage,
+        "max_train_samples": args.max_train_samples,
+        "shuffle_buffer_size": args.shuffle_buffer_size if args.streaming else None,
+        **training_setup(config, processor)}
 
     if accelerator.is_main_process:
         accelerator.init_trackers(args.run_name or "simmim_pretraining", config={

@@ -368,8 +368,16 @@ class CheckpointManager:
     def check_settings(self, path: str | os.PathLike) -> None:
         """Raise a ValueError naming every setting that differs from the one `path` was saved with."""
         stored = read_checkpoint_state(path).get("settings") or {}
-        changed = [f"{key}: {stored[key]!r} in the checkpoint, {self.settings[key]!r} now"
-                   for key in sorted(set(stored) & set(self.settings)) if stored[key] != self.settings[key]]
+        current = json.loads(json.dumps(self.settings))  # as stored: tuples are lists, keys strings
+        changed = []
+        for key in sorted(set(stored) & set(current)):
+            old, new = stored[key], current[key]
+            if isinstance(old, dict) and isinstance(new, dict):  # e.g. the model config: name the fields
+                changed += [f"{key}.{field}: {old.get(field, '(unset)')!r} in the checkpoint, "
+                            f"{new.get(field, '(unset)')!r} now"
+                            for field in sorted(set(old) | set(new)) if old.get(field) != new.get(field)]
+            elif old != new:
+                changed.append(f"{key}: {old!r} in the checkpoint, {new!r} now")
         if changed:
             raise ValueError(
                 f"Cannot resume from {path}: these settings differ from the run that saved it, and the saved "
@@ -384,6 +392,20 @@ class CheckpointManager:
         stored = read_checkpoint_state(path)
         self.resumed_step = int(stored["step"])
         return stored
+
+
+def training_setup(config, processor) -> dict[str, dict]:
+    """What a checkpoint's weights and data position were trained for, as `CheckpointManager.settings` entries:
+    the model config and the processor's transform (masking, crops, normalisation), without the fields that only
+    record where they came from. Resuming under another loss, mask ratio or architecture would continue the run
+    as something else and label all of it with the new values."""
+    volatile = {"transformers_version", "architectures", "auto_map", "dtype", "torch_dtype", "image_processor_type"}
+
+    def stable(values: dict) -> dict:
+        return {k: v for k, v in values.items() if k not in volatile and not k.startswith("_")}
+
+    return {"model": stable(json.loads(config.to_json_string(use_diff=True))),
+            "processor": stable(json.loads(processor.to_json_string()))}
 
 
 # -------------------------------------------------------------------------------------------- preemption
@@ -767,6 +789,7 @@ __all__ = [
     "HubPusher",
     "NonFiniteGuard",
     "PreemptionHandler",
+    "training_setup",
     "publish_folder",
     "staging_folder",
     "atomic_write_text",

@@ -185,6 +185,25 @@ def test_resume_latest_does_not_take_over_a_foreign_non_empty_folder(tmp_path):
     assert (out / "README.md").read_text() == "my notes" and json.loads((out / "config.json").read_text()) == {"mine": True}
 
 
+def test_resuming_another_folders_checkpoint_never_takes_over_a_non_empty_folder(tmp_path):
+    """--resume_from_checkpoint <run A's checkpoint> --output_dir <run B>: B's models and checkpoints (which
+    rotation would delete) were overwritten; now refused, and a new folder continues run A exactly."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert pretrain(["--output_dir", a, *TINY]) == 0
+    assert pretrain(["--output_dir", b, *TINY, "--seed", "3"]) == 0
+    before = {p.relative_to(b): p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="not one of --output_dir .* checkpoints, and that folder is not empty"):
+        pretrain(["--output_dir", b, *TINY, "--resume_from_checkpoint", a / "checkpoints" / "checkpoint-2"])
+    assert {p.relative_to(b): p.read_bytes() for p in b.rglob("*") if p.is_file()} == before
+    recorder = Recorder()
+    assert pretrain(["--output_dir", tmp_path / "c", *TINY, "--resume_from_checkpoint",
+                     a / "checkpoints" / "checkpoint-2"], callbacks=[recorder]) == 0
+    assert recorder.steps == [3, 4] and _max_diff(_weights(a), _weights(tmp_path / "c")) == 0
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="--output_dir .*file is a file"):
+        pretrain(["--output_dir", tmp_path / "file", *TINY])
+
+
 def test_resume_latest_never_retrains_a_finished_run_whose_checkpoints_are_gone(tmp_path):
     """A requeued job on a finished run after someone removed checkpoints/: refused, its models kept."""
     import shutil
@@ -208,6 +227,24 @@ def test_resume_refuses_schedule_and_optimizer_flags_the_checkpoint_would_overri
                   "--resume_from_checkpoint", str(out / "checkpoints" / "checkpoint-2")])
     assert "weight_decay: 0.05 in the checkpoint, 0.1 now" in str(err.value)
     assert "lr_gamma: 0.1 in the checkpoint, 0.5 now" in str(err.value)
+
+
+def test_resume_refuses_another_objective_architecture_or_data(tmp_path):
+    """A resume under another loss, mask ratio, architecture or data split continued the run as something else and
+    labelled all of it with the new values (or failed inside load_state with a raw size mismatch)."""
+    out = tmp_path / "out"
+    assert pretrain(["--output_dir", out, *TINY]) == 0
+    resume = ["--resume_from_checkpoint", str(out / "checkpoints" / "checkpoint-2")]
+    with pytest.raises(ValueError) as err:
+        pretrain(["--output_dir", out, *TINY, "--loss_type", "l2", "--mask_ratio", "0.2", *resume])
+    message = str(err.value)
+    assert "model.loss_type: 'l1' in the checkpoint, 'l2' now" in message
+    assert "processor.mask_ratio: 0.6 in the checkpoint, 0.2 now" in message
+    with pytest.raises(ValueError, match="model.encoder_type: 'vit' in the checkpoint, 'swin' now"):
+        pretrain(["--output_dir", out, *TINY, "--preset", "swin-nano-w4-32", *resume])
+    with pytest.raises(ValueError, match="validation_split_percentage: 20.0 in the checkpoint, 30.0 now"):
+        pretrain(["--output_dir", out, *TINY, "--validation_split_percentage", "30", *resume])
+    assert pretrain(["--output_dir", out, *TINY, *resume]) == 0  # the same settings resume
 
 
 def test_resume_with_another_batch_size_is_refused(tmp_path):

@@ -280,3 +280,37 @@ def test_model_card_states_the_augmentation_and_the_features(run_finetune, tmp_p
                       "1", "--linear_probe", "--probe_layer", "1"])
     probe_card = next((tmp_path / "p").rglob("README.md")).read_text()
     assert "mean of hidden state 1's patch tokens, then a LayerNorm without affine weights" in probe_card
+
+
+def test_resume_refuses_another_data_split_or_recipe(run_finetune, tmp_path):
+    """Another --data_seed draws another held-out split: most of its images were trained on, and the best model
+    would be picked on them. Another mixup or augmentation changes the objective mid-run."""
+    out = tmp_path / "out"
+    args = ["--preset", "vit-nano-p4-32", "--output_dir", str(out), *TINY, "--num_train_epochs", "1"]
+    run_finetune.run(args)
+    resume = ["--resume_from_checkpoint", "latest"]
+    with pytest.raises(ValueError, match="data_seed: 0 in the checkpoint, 7 now"):
+        run_finetune.run([*args, "--data_seed", "7", *resume])
+    with pytest.raises(ValueError, match=r"targets.mixup: 0.8 in the checkpoint, 0.2 now"):
+        run_finetune.run([*args, "--mixup", "0.2", *resume])
+
+
+def test_resuming_an_older_checkpoint_sets_aside_the_later_best_and_last(run_finetune, tmp_path):
+    """best/ and last/ written after the checkpoint resumed from belong to the abandoned branch: kept aside, never
+    left to describe (and be pushed as) the new branch's result."""
+    out = tmp_path / "out"
+    args = ["--preset", "vit-nano-p4-32", "--output_dir", str(out), *TINY, "--checkpoints_total_limit", "5"]
+    first, _ = run_finetune.run(args)
+    later_last = json.loads((out / "last" / "eval_results.json").read_text())
+    assert later_last["epoch"] == 1
+    later_best = json.loads((out / "best" / "eval_results.json").read_text())
+    run_finetune.run([*args, "--resume_from_checkpoint", str(out / "checkpoints" / "checkpoint-3")])  # epoch 0's
+    assert json.loads((out / "superseded-last" / "eval_results.json").read_text()) == later_last
+    # best/ is set aside only if it came from epoch 1, i.e. after the checkpoint.
+    assert (out / "superseded-best").is_dir() == (first["best"]["epoch"] == 1)
+    if first["best"]["epoch"] == 1:
+        assert json.loads((out / "superseded-best" / "eval_results.json").read_text()) == later_best
+    # The resumed branch re-ran epoch 1; its best/ and last/ are its own, consistent with all_results.json.
+    final = json.loads((out / "all_results.json").read_text())
+    assert json.loads((out / "best" / "eval_results.json").read_text()) == final["best"]
+    assert json.loads((out / "last" / "eval_results.json").read_text()) == final["last"]
