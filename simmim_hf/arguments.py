@@ -12,6 +12,7 @@ expected and what was given; `parse_args` turns it into the usual argparse usage
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -21,6 +22,8 @@ from transformers import HfArgumentParser
 from .configuration_simmim import HEAD_TYPES, LOSS_AREAS, LOSS_TYPES, PRESETS
 from .masking import MASK_STRATEGIES
 from .optimization import SCHEDULES, parse_milestones
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -96,6 +99,11 @@ class DataArguments(_Validated):
                  "--validation_split_percentage.")
         _require(0.0 <= self.validation_split_percentage < 100.0,
                  f"--validation_split_percentage must lie in [0, 100); got {self.validation_split_percentage}.")
+        has_splits = self.dataset_name is not None or self.train_dir is not None
+        _require(has_splits or (self.validation_split is None and self.train_split == "train"),
+                 f"--train_split {self.train_split!r} / --validation_split {self.validation_split!r} name splits of "
+                 "--dataset_name (or of --train_dir / --validation_dir); the embedded data has none: its held-out "
+                 "share is --validation_split_percentage.")
         _require_positive(self, ("max_train_samples", "max_eval_samples"), optional=True)
         _require(self.dataloader_num_workers is None or self.dataloader_num_workers >= 0,
                  f"--dataloader_num_workers must be >= 0; got {self.dataloader_num_workers}.")
@@ -150,6 +158,9 @@ class OptimizationArguments(_Validated):
                  f"--learning_rate must be > 0 (or unset); got {self.learning_rate}.")
         _require(self.lr_scheduler_type != "multistep" or bool(self.lr_milestones),
                  "--lr_scheduler_type multistep needs --lr_milestones (epochs), e.g. --lr_milestones 30,60.")
+        _require(not self.lr_milestones or self.lr_scheduler_type == "multistep",
+                 f"--lr_milestones ({self.lr_milestones}) only applies to --lr_scheduler_type multistep; got "
+                 f"{self.lr_scheduler_type!r}.")
         try:
             parse_milestones(self.lr_milestones)
         except ValueError as err:
@@ -164,7 +175,8 @@ class OutputArguments(_Validated):
     checkpointing_steps: int | None = _arg(help="Save a resumable checkpoint every N optimizer steps (always at the end).")
     checkpoints_total_limit: int = _arg(2, "Keep at most this many checkpoints.")
     logging_steps: int = _arg(10, "Log loss, lr, grad norm and images/s every N optimizer steps (the loop's only host syncs).")
-    report_to: str = _arg("tensorboard", "Trackers: 'tensorboard', 'wandb', 'all', 'none' or a comma-separated list.")
+    report_to: str | None = _arg(help="Trackers: 'tensorboard', 'wandb', 'all', 'none' or a comma-separated list "
+                                      "(a named one must be installed). Default: tensorboard where it is installed.")
     run_name: str | None = _arg(help="Tracker project name (default: the script's).")
     push_to_hub: bool = _arg(False, "Push the final model with its card. The token comes from HF_TOKEN or `hf auth login`; "
                                     "it is never logged or written.")
@@ -183,6 +195,14 @@ class OutputArguments(_Validated):
 
     def trackers(self) -> list[str] | str | None:
         """`--report_to` in the form `Accelerator(log_with=...)` takes."""
+        if self.report_to is None:  # the default: tensorboard where installed (an extra), else none, said once
+            from accelerate.utils import is_tensorboard_available
+
+            if is_tensorboard_available():
+                return ["tensorboard"]
+            logger.warning("tensorboard is not installed: no training logs (pip install tensorboard, or pass "
+                           "--report_to with an installed tracker).")
+            return None
         if self.report_to in ("", "none"):
             return None
         if self.report_to == "all":

@@ -396,6 +396,8 @@ def find_image_column(features, requested: str | None = None, where: str = "the 
 
 def _hub_description(args) -> str:
     config = f" ({args.dataset_config_name})" if args.dataset_config_name else ""
+    if Path(args.dataset_name).exists():  # `load_dataset` also reads a local folder: no Hub page to link
+        return f"local dataset `{Path(args.dataset_name).name}`{config}"
     return f"[{args.dataset_name}](https://huggingface.co/datasets/{args.dataset_name}){config}"
 
 
@@ -537,8 +539,9 @@ def load_classification_data(args, image_size: int):
     else:
         from .sample_data import DIGITS_DESCRIPTION, load_digits_dataset
 
-        description = DIGITS_DESCRIPTION + "; stratified 80/20 split"
-        split = _stratified_split(load_digits_dataset(image_size), 0.2, args.data_seed)
+        share = args.validation_split_percentage
+        description = DIGITS_DESCRIPTION + f"; stratified {100 - share:g}/{share:g} split"
+        split = _stratified_split(load_digits_dataset(image_size), share / 100.0, args.data_seed)
         train, evaluation = split["train"], split["test"]
     train, evaluation = train.select_columns(["image", "label"]), evaluation.select_columns(["image", "label"])
 

@@ -43,6 +43,8 @@ def create_accelerator(args, output_dir: str | os.PathLike, **kwargs):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+    trackers = args.trackers()
+    check_trackers(trackers)  # before anything is trained: a missing package would mean no logs at all
     has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
         torch.backends.mps.is_available()
     on_cpu = args.cpu or not has_accelerator
@@ -52,7 +54,7 @@ def create_accelerator(args, output_dir: str | os.PathLike, **kwargs):
         cpu=on_cpu,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=args.trackers(),
+        log_with=trackers,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
         # The schedule counts optimizer updates; by default Accelerate would step it once per process.
@@ -96,6 +98,24 @@ def start_run(args):
     return accelerator, pusher, checkpoints, resume_path
 
 
+def check_trackers(trackers) -> None:
+    """Refuse a `--report_to` tracker that is unknown or not installed: Accelerate only warns and trains with no
+    tracking at all."""
+    import accelerate.utils
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    if trackers is None or trackers == "all":
+        return
+    for name in trackers:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ValueError(f"--report_to: unknown tracker {name!r}; expected 'none', 'all' or a comma-separated "
+                             f"list of {sorted(LOGGER_TYPE_TO_CLASS)}.")
+        available = getattr(accelerate.utils, f"is_{name}_available", None)
+        if available is not None and not available():
+            raise ValueError(f"--report_to {name}: the {name!r} package is not installed (pip install {name}), or "
+                             "pass --report_to none.")
+
+
 def prepare_output_dir(accelerator, args) -> tuple[CheckpointManager, Path | None]:
     """Check `--output_dir` against `--overwrite_output_dir` / `--resume_from_checkpoint` and return the checkpoint
     manager and the checkpoint to resume (or None).
@@ -120,6 +140,11 @@ def prepare_output_dir(accelerator, args) -> tuple[CheckpointManager, Path | Non
                          "--overwrite_output_dir to train again, or choose another folder.")
     if output_dir.is_dir() and any(output_dir.iterdir()) and resume_path is None \
             and not args.overwrite_output_dir and not own_unfinished_run:
+        earlier = checkpoints.list_checkpoints()
+        if earlier:  # the likeliest case: the same command run again after an interruption
+            raise ValueError(f"--output_dir {output_dir} holds checkpoints of an earlier run (latest: "
+                             f"{earlier[-1].name}). Pass --resume_from_checkpoint latest to continue it, or "
+                             "--overwrite_output_dir to start over (its checkpoints are then deleted).")
         raise ValueError(f"--output_dir {output_dir} is not empty and holds no checkpoint to resume. Pass "
                          "--overwrite_output_dir to start over in it (its files may be overwritten), or choose "
                          "another folder.")

@@ -318,11 +318,15 @@ class LearningRatePlan:
                         f"{args.num_train_epochs} of --max_train_steps); --warmup_steps sets it directly.")
         else:
             warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+        milestones = tuple(parse_milestones(args.lr_milestones, steps_per_epoch))
+        if any(m >= max_train_steps for m in milestones):
+            logger.warning(f"--lr_milestones {args.lr_milestones}: milestone steps {list(milestones)} at or beyond "
+                           f"the last step ({max_train_steps}) never lower the lr.")
         return cls(
             total_batch_size=total_batch_size, peak_lr=peak_lr, warmup_lr=args.warmup_lr * ratio,
             min_lr=args.min_lr * ratio, max_train_steps=max_train_steps,
             warmup_steps=min(warmup_steps, max_train_steps), steps_per_epoch=steps_per_epoch,
-            milestones=tuple(parse_milestones(args.lr_milestones, steps_per_epoch)),
+            milestones=milestones,
             lr_given=args.learning_rate is not None,
         )
 

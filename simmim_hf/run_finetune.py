@@ -16,7 +16,7 @@ that cannot be mapped is logged by name.
 
 Data (one of): `--dataset_name` (a Hub dataset with an image and a label column); `--train_dir` (and optionally
 `--validation_dir`: one sub-folder per class); nothing: scikit-learn's handwritten digits (1,797 8x8 images,
-10 classes, shipped in its wheel), upsampled to the model's image size and split 80/20.
+10 classes, shipped in its wheel), upsampled to the model's image size and split 80/20 (--validation_split_percentage).
 
     accelerate launch examples/run_finetune.py --preset vit-nano-p4-32 --output_dir out/digits
     accelerate launch --multi_gpu --num_processes 8 examples/run_finetune.py --model_name_or_path out/pretrain \\

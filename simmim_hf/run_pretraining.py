@@ -23,6 +23,7 @@ What it guarantees:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
@@ -211,11 +212,14 @@ def main(argv=None, callbacks=()) -> int:
             ImageRows(eval_hf, image_column)
         eval_dataloader = create_dataloader(eval_rows, args.per_device_eval_batch_size, eval_collator,
                                             **loader_kwargs)
-    # A fixed batch for the reconstruction grid: the first training images, evaluation crops.
-    vis_batch = None
-    if not args.streaming:
-        vis_batch = eval_collator([train_rows[i] for i in range(min(args.num_visualize_images, len(train_rows)))])
-        vis_batch = {k: v.to(accelerator.device) for k, v in vis_batch.items()}
+    # A fixed batch for the reconstruction grid: the first training images (of a stream: its first rows, read
+    # once here), evaluation crops.
+    if args.streaming:
+        first_rows = list(itertools.islice(StreamingImageRows(train_hf, image_column, repeat=False),
+                                           args.num_visualize_images))
+    else:
+        first_rows = [train_rows[i] for i in range(min(args.num_visualize_images, len(train_rows)))]
+    vis_batch = {k: v.to(accelerator.device) for k, v in eval_collator(first_rows).items()} if first_rows else None
 
     if not args.streaming:  # a stream is already split per process
         # Sharded first: the epoch length the schedule needs is one process's share of the batches.
@@ -262,8 +266,9 @@ def main(argv=None, callbacks=()) -> int:
                 f"{config.norm_target_patch_size or 'none'}")
     logger.info(f"SimMIM pretraining of {model_source} ({config.encoder_type}, {num_params:,} parameters, "
                 f"{config.image_size} px, mask {config.mask_patch_size} px x {config.mask_ratio}) on {data_description}: "
-                f"{'streamed' if args.streaming else len(train_rows)} training images, {plan.num_epochs} epochs of "
-                f"{plan.steps_per_epoch} steps, total batch {plan.total_batch_size} ({accelerator.num_processes} "
+                + (f"streamed training images, {plan.max_train_steps} steps" if args.streaming else
+                   f"{len(train_rows)} training images, {plan.num_epochs} epochs of {plan.steps_per_epoch} steps")
+                + f", total batch {plan.total_batch_size} ({accelerator.num_processes} "
                 f"process(es)), {plan.describe()}, {num_workers} dataloader workers")
 
     # ---------------------------------------------------------------------------------------- training

@@ -48,6 +48,7 @@ _TMP_PREFIX = ".tmp-"
 # A complete checkpoint moved aside while a same-step re-save replaces it; restored if the kill came between.
 _REPLACED_PREFIX = ".replaced-"
 _PREVIOUS_PREFIX = ".previous-run-"  # a run started over holds the previous run's checkpoints under this prefix
+_RUN_RECORDS = ("logs", "reconstructions")  # a run's tracker logs and pictures in its output_dir
 SUPERSEDED_PREFIX = "superseded-"  # checkpoints beyond the one a run resumed from, once that run saves
 
 
@@ -209,6 +210,17 @@ class CheckpointManager:
         if self._start_over:
             logger.warning("--overwrite_output_dir: the previous run's checkpoints in %s will be deleted when this "
                            "run has saved its first checkpoint.", self.root)
+        if getattr(self.accelerator, "is_main_process", True):
+            # Its tracker logs and pictures go too (TensorBoard would draw both runs' curves over the same steps):
+            # held aside now, before this run's trackers start, and deleted with the checkpoints.
+            for name in _RUN_RECORDS:
+                folder = self.root.parent / name
+                if folder.is_dir():
+                    target = self.root.parent / f"{_PREVIOUS_PREFIX}{name}"
+                    if target.exists():
+                        shutil.rmtree(target)
+                    os.replace(folder, target)
+                    self._start_over = True
 
     def _hold_previous_run(self) -> list[tuple[Path, Path]]:
         """Main process, at the first save of a run started over: rename everything the previous run left in
@@ -230,8 +242,8 @@ class CheckpointManager:
 
     def _delete_held(self) -> None:
         logger.warning("Deleting the previous run's checkpoints in %s (--overwrite_output_dir).", self.root)
-        for child in self.root.iterdir():
-            if child.name.startswith(_PREVIOUS_PREFIX):
+        for child in [*self.root.iterdir(), *(self.root.parent / f"{_PREVIOUS_PREFIX}{n}" for n in _RUN_RECORDS)]:
+            if child.name.startswith(_PREVIOUS_PREFIX) and child.exists():
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
     # -------------------------------------------------------------- saving
@@ -283,7 +295,7 @@ class CheckpointManager:
         if acc.is_main_process:
             if replaced.exists():
                 shutil.rmtree(replaced)
-            if held:
+            if start_over:
                 self._delete_held()
             self._rotate(keep=final)
         acc.wait_for_everyone()

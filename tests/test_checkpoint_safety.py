@@ -105,10 +105,18 @@ def test_a_start_over_whose_first_save_fails_keeps_the_previous_run(tmp_path):
     resumable = CheckpointManager(FakeAccelerator(), tmp_path)
     assert [p.name for p in resumable.list_checkpoints()] == ["checkpoint-4", "checkpoint-6"]
     assert (resumable.resolve("latest") / "model.safetensors").read_text() == "previous 6"
+    for name in ("logs", "reconstructions"):  # the previous run's tracker logs and pictures go with it
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "old").write_text("previous")
     manager = CheckpointManager(FakeAccelerator(), tmp_path)
     manager.start_over()
+    assert not (tmp_path / "logs").exists()  # held before this run's trackers write there
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "new").write_text("this run")
     save(manager, 2, "new")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2", "latest"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "logs"]
+    assert [p.name for p in (tmp_path / "logs").iterdir()] == ["new"]
 
 
 def test_checkpoint_files_are_durable_before_the_marker_calls_it_complete(tmp_path, monkeypatch):
@@ -199,6 +207,9 @@ def test_resuming_another_folders_checkpoint_never_takes_over_a_non_empty_folder
     assert pretrain(["--output_dir", tmp_path / "c", *TINY, "--resume_from_checkpoint",
                      a / "checkpoints" / "checkpoint-2"], callbacks=[recorder]) == 0
     assert recorder.steps == [3, 4] and _max_diff(_weights(a), _weights(tmp_path / "c")) == 0
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(latest: checkpoint-4\)\. Pass "
+                                         "--resume_from_checkpoint latest"):
+        pretrain(["--output_dir", b, *TINY])  # the same command again
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="--output_dir .*file is a file"):
         pretrain(["--output_dir", tmp_path / "file", *TINY])

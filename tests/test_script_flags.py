@@ -65,7 +65,8 @@ def test_pretraining_config_overrides_with_a_list(pretraining, tmp_path):
 def test_milestones_are_epochs_with_fractions_in_both_scripts(pretraining, finetune, tmp_path):
     assert parse_milestones("1.5,3", steps_per_epoch=10) == [15, 30]
     for script, base in ((pretraining, ["--preset", "vit-nano-p4-32"]), (finetune, ["--preset", "vit-nano-p4-32"])):
-        script.parse_args([*base, "--output_dir", str(tmp_path), "--lr_milestones", "1.5"])
+        script.parse_args([*base, "--output_dir", str(tmp_path), "--lr_milestones", "1.5", "--lr_scheduler_type",
+                           "multistep"])
         with pytest.raises(SystemExit):
             script.parse_args([*base, "--output_dir", str(tmp_path), "--lr_milestones", "one"])
 
@@ -115,6 +116,8 @@ def test_shared_flags_have_one_definition_and_the_same_defaults():
 @pytest.mark.parametrize("argv, message", [
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1; got 0"),
     (["--lr_scheduler_type", "multistep"], "--lr_milestones"),
+    # Without multistep the milestones were silently ignored (a cosine schedule, the 800-epoch recipe lost).
+    (["--lr_milestones", "700"], "--lr_milestones (700) only applies to --lr_scheduler_type multistep; got 'cosine'"),
     (["--max_grad_norm", "-1"], "--max_grad_norm must be >= 0; got -1.0"),
     (["--dataset_name", "a/b", "--train_dir", "x"], "exclusive"),
     (["--validation_dir", "v"], "--validation_dir 'v' goes with --train_dir"),  # else silently no evaluation
@@ -140,7 +143,8 @@ def test_unknown_flags_and_a_missing_output_dir_are_usage_errors(tmp_path, capsy
 def test_learning_rate_plan_scales_and_keeps_warmup_and_final_ratios(tmp_path):
     args = parse_args(PretrainingArguments, ["--output_dir", str(tmp_path), "--per_device_train_batch_size", "32",
                                              "--gradient_accumulation_steps", "2", "--warmup_epochs", "1.5",
-                                             "--num_train_epochs", "4", "--lr_milestones", "2.5"])
+                                             "--num_train_epochs", "4", "--lr_milestones", "2.5",
+                                             "--lr_scheduler_type", "multistep"])
     plan = LearningRatePlan.from_args(args, num_processes=4, batches_per_epoch=21)
     assert plan.total_batch_size == 256 and plan.steps_per_epoch == 11  # ceil(21 / 2): the last step is partial
     assert plan.peak_lr == pytest.approx(2e-4 * 256 / 512)  # the official 100-epoch recipe, per 512 images
@@ -214,3 +218,37 @@ def test_component_flags_set_the_objective_and_are_refused_on_a_pretrained_model
                                     "--loss_type", "l2"])
     with pytest.raises(ValueError, match="--loss_type cannot change a pretrained model"):
         pretraining.build_model_and_processor(again)
+
+
+def test_a_named_tracker_must_exist_and_be_installed(monkeypatch, tmp_path):
+    """Accelerate only warns about a tracker that is not installed and then trains without any logs."""
+    import accelerate.utils
+
+    from simmim_hf.engine import check_trackers
+
+    with pytest.raises(ValueError, match="--report_to: unknown tracker 'tensorbord'"):
+        check_trackers(["tensorbord"])
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    with pytest.raises(ValueError, match="--report_to wandb: the 'wandb' package is not installed"):
+        check_trackers(["wandb"])
+    check_trackers(None), check_trackers("all")  # nothing named, nothing to check
+    # The default: tensorboard where installed, else no tracker (and a warning), never an error.
+    args = parse_args(PretrainingArguments, ["--output_dir", str(tmp_path)])
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    assert args.report_to is None and args.trackers() is None
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: True)
+    assert args.trackers() == ["tensorboard"]
+
+
+def test_the_embedded_digits_hold_out_validation_split_percentage_and_have_no_named_splits(tmp_path, capsys):
+    from simmim_hf.data import load_classification_data
+
+    args = parse_args(FinetuningArguments, ["--preset", "vit-nano-p4-32", "--output_dir", str(tmp_path),
+                                            "--validation_split_percentage", "50"])
+    train, evaluation, names, description = load_classification_data(args, 8)
+    assert len(names) == 10 and abs(len(train) - len(evaluation)) <= 1 and "50/50" in description
+    for flag in (["--validation_split", "test"], ["--train_split", "validation"]):
+        for arguments in (PretrainingArguments, FinetuningArguments):
+            with pytest.raises(SystemExit):
+                parse_args(arguments, ["--preset", "vit-nano-p4-32", "--output_dir", str(tmp_path), *flag])
+            assert "the embedded data has none" in capsys.readouterr().err

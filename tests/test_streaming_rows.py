@@ -104,12 +104,16 @@ def test_streamed_pretraining_evaluates_its_validation_split_and_finishes(tmp_pa
         pretrain(["--preset", "vit-nano-p4-32", "--dataset_name", tmp_path / "data", "--streaming",
                   "--max_train_steps", 4, "--eval_steps", 2, "--per_device_train_batch_size", 2,
                   "--per_device_eval_batch_size", 2, "--learning_rate", 1e-3, "--dataloader_num_workers", 0,
-                  "--logging_steps", 2, "--report_to", "none", "--output_dir", tmp_path / "run"])
+                  "--logging_steps", 2, "--report_to", "none", "--visualize_steps", 2, "--output_dir", tmp_path / "run"])
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     results = json.loads((tmp_path / "run" / "all_results.json").read_text())
     assert results["global_step"] == 4 and 0 < results["eval_loss"] < 10  # a finite mean over the 3 images
+    # Reconstruction pictures from the stream's first rows (a stream used to get none, silently).
+    assert (tmp_path / "run" / "reconstruction.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "run" / "reconstructions").iterdir()) == \
+        ["step_0000002.png", "step_0000004.png"]
     # Which worker reads which shards decides the stream's batches: resuming under another worker count is refused.
     with pytest.raises(ValueError, match=r"dataloader_num_workers: 0 in the checkpoint, 1 now"):
         pretrain(["--preset", "vit-nano-p4-32", "--dataset_name", tmp_path / "data", "--streaming",
