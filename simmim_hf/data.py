@@ -515,6 +515,9 @@ def load_classification_data(args, image_size: int):
         columns = raw[args.train_split].column_names
         image_column = find_image_column(raw[args.train_split].features, args.image_column_name, description)
         if args.label_column_name not in columns:
+            if args.train_dir and not args.dataset_name:  # imagefolder labels by sub-folder: there were none
+                raise ValueError(f"--train_dir {args.train_dir} has no class sub-folders: put each class's images in "
+                                 "a sub-folder named after it (train_dir/<class>/image.jpg).")
             raise ValueError(f"--label_column_name {args.label_column_name!r} is not a column of the dataset; "
                              f"columns: {columns}.")
         # Only the two columns the job uses: another column may already be called "label".

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from .configuration_simmim import SimMIMConfig
+from .image_processing_simmim import SimMIMImageProcessor
 from .modeling_simmim import SimMIMForImageClassification, SimMIMForMaskedImageModeling, SimMIMModel
 from .transfer import load_checkpoint_state_dict
 
@@ -334,12 +335,41 @@ def load_simmim_checkpoint(path: str | Path, **hub_kwargs) -> torch.nn.Module:
     return model.eval()
 
 
-def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, **hub_kwargs) -> Path:
-    """Read a simmim_hf folder, export it, and `save_pretrained` the transformers model to `output_dir`."""
-    hf_model = export_model(load_simmim_checkpoint(checkpoint, **hub_kwargs))
-    output_dir = Path(output_dir)
+def export_image_processor(processor: SimMIMImageProcessor):
+    """transformers' own image processor doing `processor`'s evaluation transform, or None where none does (a
+    non-square size, not three channels): CLIP's processor resizes the shorter side to `size / crop_pct` and center
+    crops, as ours does; the pixels are the same except a one-pixel shift of the crop where its margin is odd
+    (transformers floors the offset, torchvision's CenterCrop, which ours follows, rounds it)."""
+    from transformers import CLIPImageProcessor
+
+    height, width = processor.size["height"], processor.size["width"]
+    if height != width or len(processor.image_mean) != 3:
+        return None
+    return CLIPImageProcessor(
+        size={"shortest_edge": int(height / processor.crop_pct)}, crop_size={"height": height, "width": width},
+        resample=int(processor.eval_resample), do_rescale=processor.do_rescale,
+        rescale_factor=processor.rescale_factor, do_normalize=processor.do_normalize,
+        image_mean=list(processor.image_mean), image_std=list(processor.image_std), do_convert_rgb=True)
+
+
+def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, **hub_kwargs):
+    """Read a simmim_hf folder (or Hub repo), export it, and `save_pretrained` the transformers model, with a
+    transformers image processor where one does the same evaluation transform, to `output_dir`. Returns
+    (simmim_hf model, transformers model, its processor or None)."""
+    model = load_simmim_checkpoint(checkpoint, **hub_kwargs)
+    hf_model = export_model(model)
+    try:
+        processor = SimMIMImageProcessor.from_pretrained(str(checkpoint), **hub_kwargs)
+    except OSError:  # a folder saved without its processor: the one its config implies
+        processor = SimMIMImageProcessor.from_config(model.config)
+    hf_processor = export_image_processor(processor)
     hf_model.save_pretrained(output_dir)
-    return output_dir
+    if hf_processor is not None:
+        hf_processor.save_pretrained(output_dir)
+    else:
+        logger.warning("No transformers image processor does this model's evaluation transform (size %s, %d "
+                       "channels): %s has none.", dict(processor.size), len(processor.image_mean), output_dir)
+    return model, hf_model, hf_processor
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -351,15 +381,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="simmim_hf save_pretrained folder or Hub repo id")
     parser.add_argument("--output", required=True, help="folder to write")
     args = parser.parse_args(argv)
-    model = load_simmim_checkpoint(args.checkpoint)
-    hf_model = export_model(model)
-    hf_model.save_pretrained(args.output)
+    model, hf_model, hf_processor = export_checkpoint(args.checkpoint, args.output)
     print(f"Exported {args.checkpoint} ({model.config.encoder_type}, {type(model).__name__}) -> {args.output} "
-          f"({type(hf_model).__name__})")
+          f"({type(hf_model).__name__}" + (f", {type(hf_processor).__name__.removesuffix('Pil')})" if hf_processor
+                                           else ")"))
 
 
 if __name__ == "__main__":
     main()
 
 
-__all__ = ["ExportPlan", "export_checkpoint", "export_model", "load_simmim_checkpoint", "main", "plan_export"]
+__all__ = ["ExportPlan", "export_checkpoint", "export_image_processor", "export_model", "load_simmim_checkpoint", "main",
+           "plan_export"]

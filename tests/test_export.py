@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,6 +150,37 @@ def test_cli_folders_load_without_remote_code_or_simmim_hf(tmp_path):
                 features = model(data["pixel_values"]).last_hidden_state
             assert (features - data["features"]).abs().max() <= 1e-5, kind
     """, cwd=elsewhere)
+
+
+def test_the_exported_folder_has_a_transformers_processor_doing_our_evaluation_transform(tmp_path):
+    """AutoImageProcessor and pipelines need one: without it the exported classifier did not run in
+    `pipeline("image-classification")`."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, pipeline
+
+    from simmim_hf import SimMIMImageProcessor
+    from simmim_hf.image_processing_simmim import eval_resize_shape
+
+    model = make("swin", SimMIMForImageClassification, num_labels=3)
+    processor = SimMIMImageProcessor.from_config(model.config)
+    model.save_pretrained(tmp_path / "ours")
+    processor.save_pretrained(tmp_path / "ours")
+    main(["--checkpoint", str(tmp_path / "ours"), "--output", str(tmp_path / "exported")])
+    exported = AutoImageProcessor.from_pretrained(tmp_path / "exported")
+    assert type(exported).__module__.startswith("transformers.")
+    rng = np.random.default_rng(0)
+    size = model.config.image_size
+    # Landscape and portrait, smaller and larger than the model, with crop margins of even width (an odd one
+    # shifts transformers' crop by a pixel: it floors the offset, torchvision's CenterCrop rounds it).
+    for shape in ((size + 10, 2 * size + 20), (3 * size, size + 6), (size // 2, size)):
+        resized = eval_resize_shape(*shape, (size, size), processor.crop_pct)
+        assert all((side - size) % 2 == 0 for side in resized), (shape, resized)
+        image = Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
+        ours = processor(image, return_tensors="pt", do_train=False)["pixel_values"]
+        theirs = exported(image, return_tensors="pt")["pixel_values"]
+        assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= 1e-5, shape
+    predictions = pipeline("image-classification", model=str(tmp_path / "exported"))(image)
+    assert len(predictions) == 3 and abs(sum(p["score"] for p in predictions) - 1) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- refusals

@@ -225,6 +225,11 @@ def test_a_truncated_jpeg_is_replaced_and_counted_not_a_crash(run_finetune, tmp_
     assert results["unreadable_train_images"] == 2  # the one bad file, seen once per epoch
     assert [r["unreadable_images"] for r in results["history"]] == [1, 1]
     assert results["train_samples"] == 13 and results["eval_samples"] == 6
+    flat = tmp_path / "flat"  # images without class sub-folders: said so, not "no column 'label'"
+    flat.mkdir()
+    Image.fromarray(pixels).save(flat / "0.jpg")
+    with pytest.raises(ValueError, match="has no class sub-folders"):
+        run_finetune.run(["--preset", "vit-nano-p4-32", "--train_dir", str(flat), "--output_dir", str(tmp_path / "o2")])
 
 
 def test_a_failed_save_leaves_the_previous_last_and_best_whole(run_finetune, tmp_path, monkeypatch):
