@@ -13,6 +13,7 @@ receiving batches), so images/s is per core; multiply by the worker count for a 
   reduced-size decoding where the crop allows (`smallest_decode_size`), uint8 batches (`return_uint8=True`)
   normalised on the device (`normalize_uint8`, timed separately: on a GPU it is one fused kernel over the
   batch), persistent workers.
+* `decode only`: the decode alone (libjpeg-turbo, full size), the ceiling of any pipeline that decodes at full size.
 
     python benchmarks/data_pipeline.py                       # both sizes, 192 px, batch 64
     python benchmarks/data_pipeline.py --quick               # a smoke run
@@ -77,6 +78,22 @@ class PilDecoding:
         return self.collator(rows)
 
 
+class DecodeOnly:
+    """The floor every pipeline stands on: the JPEG decode alone (libjpeg-turbo, as "now" decodes), no crop, mask
+    or batch. Its images/s bounds what any CPU pipeline with full-size decoding can reach."""
+
+    def __call__(self, rows):
+        for row in rows:
+            simmim_hf.decoding.decode_image(row["image"])
+        return {"pixel_values": torch.empty(len(rows), 0)}
+
+
+def decode_only_loader(dataset, batch_size):
+    rows = ImageRows(dataset, "image")
+    return create_dataloader(rows, batch_size, DecodeOnly(), sampler=EpochShuffleSampler(len(rows)), num_workers=1,
+                             drop_last=True)
+
+
 def simmim_loader(dataset, processor, batch_size, fast: bool):
     rows = ImageRows(dataset, "image")
     collator = SimMIMCollator(processor, seed=0, do_train=True, return_mask=True, return_uint8=fast,
@@ -120,6 +137,7 @@ def main(argv=None) -> None:
             "run_mim-style": lambda: run_mim_loader(dataset, config, args.batch_size),
             "simmim_hf before": lambda: simmim_loader(dataset, processor, args.batch_size, fast=False),
             "simmim_hf now": lambda: simmim_loader(dataset, processor, args.batch_size, fast=True),
+            "decode only": lambda: decode_only_loader(dataset, args.batch_size),
         }
         rates = {name: [] for name in pipelines}
         for _ in range(args.rounds):
@@ -136,6 +154,8 @@ def main(argv=None) -> None:
         for name, value in median.items():
             print(f"{name:<20}{value:>15.0f}{value / median['simmim_hf before']:>11.2f}x"
                   f"{value / median['run_mim-style']:>11.2f}x")
+        print("(decode only: the JPEG decode alone, the ceiling of any pipeline that decodes at full size; "
+              f"a 2x over 'before' needs {2 * median['simmim_hf before']:.0f} images/s)")
         print(f"(normalize_uint8 of that batch on this CPU: {normalise_ms:.3f} ms per image; on the accelerator it "
               "is one fused pass over the batch)")
 
