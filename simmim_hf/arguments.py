@@ -123,6 +123,9 @@ class OptimizationArguments(_Validated):
     warmup_epochs: float = _arg(10.0, "Linear warmup in epochs (fractions allowed).")
     warmup_steps: int | None = _arg(help="Linear warmup in optimizer steps (replaces --warmup_epochs).")
     lr_scheduler_type: str = _arg("cosine", "Schedule after the warmup.", choices=list(SCHEDULES))
+    lr_warmup_prefix: bool | None = _arg(
+        help="Cosine: start it after the warmup, over the remaining steps (the official SwinV2 SimMIM code); off, it "
+             "spans all steps, warmup included (microsoft/SimMIM's ViT and Swin). Default: on for SwinV2 only.")
     lr_milestones: str | None = _arg(help="multistep: comma-separated epochs (fractions allowed) where the lr is multiplied by --lr_gamma.")
     lr_gamma: float = _arg(0.1, "multistep decay factor.")
     weight_decay: float = _arg(0.05, "AdamW weight decay (none on biases, norms, tokens, position tables, LayerScale).")
@@ -158,6 +161,8 @@ class OptimizationArguments(_Validated):
                  f"--learning_rate must be > 0 (or unset); got {self.learning_rate}.")
         _require(self.lr_scheduler_type != "multistep" or bool(self.lr_milestones),
                  "--lr_scheduler_type multistep needs --lr_milestones (epochs), e.g. --lr_milestones 30,60.")
+        _require(not self.lr_warmup_prefix or self.lr_scheduler_type == "cosine",
+                 f"--lr_warmup_prefix only applies to --lr_scheduler_type cosine; got {self.lr_scheduler_type!r}.")
         _require(not self.lr_milestones or self.lr_scheduler_type == "multistep",
                  f"--lr_milestones ({self.lr_milestones}) only applies to --lr_scheduler_type multistep; got "
                  f"{self.lr_scheduler_type!r}.")
@@ -290,8 +295,9 @@ class FinetuningArguments(OutputArguments, OptimizationArguments, DataArguments,
                    "(official); mean = mean of the final-normed tokens; cls; checkpoint = as saved. Swin always "
                    "averages its final-normed tokens; --linear_probe keeps the checkpoint's.",
         choices=["fc_norm", "mean", "cls", "checkpoint"])
-    drop_path_rate: float = _arg(0.1, "Stochastic depth (0.1 in the paper).")
-    layer_decay: float | None = _arg(help="Layer-wise lr decay (default ViT 0.65, Swin 0.9; 1.0 disables).")
+    drop_path_rate: float | None = _arg(help="Stochastic depth (default: the official config's, 0.1; Swin-L 0.2).")
+    layer_decay: float | None = _arg(help="Layer-wise lr decay (default: the official config's, ViT 0.65, Swin-B 0.9, "
+                                          "Swin-L 0.7, SwinV2 0.75; 1.0 disables).")
     linear_probe: bool = _arg(False, "Freeze the encoder; train a linear head on pooled features of --probe_layer.")
     probe_layer: int | None = _arg(help="Hidden state for --linear_probe (ViT: block, 1-based; Swin: stage). Default: final.")
     crop_scale_min: float = _arg(0.08, "RandomResizedCrop minimum area fraction (0.08 as in the paper).")

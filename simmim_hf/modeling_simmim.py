@@ -736,10 +736,17 @@ class SimMIMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = False
-    # Parameters exempt from weight decay besides biases, other 1-D tensors (norms, LayerScale) and the tokens and
-    # position tables every ViT-family model names alike (`simmim_hf.optimization.DEFAULT_NO_WEIGHT_DECAY_KEYWORDS`):
-    # SwinV2's continuous position bias MLP, logit scales and coordinate tables, as the official code.
-    _no_weight_decay_keywords = ("cpb_mlp", "logit_scale", "relative_coords_table")
+    @property
+    def _no_weight_decay_keywords(self) -> tuple[str, ...]:
+        """Parameters exempt from weight decay besides biases and other 1-D tensors (norms, LayerScale), as the
+        official models list them (`no_weight_decay` / `no_weight_decay_keywords`): ViT only its CLS token and
+        absolute positions (its mask token and relative position tables are decayed); Swin its absolute
+        positions, relative position tables and (pretraining) mask token; SwinV2 also its continuous position
+        bias MLP and logit scales. Replaces `simmim_hf.optimization.DEFAULT_NO_WEIGHT_DECAY_KEYWORDS`."""
+        if self.config.encoder_type == "vit":
+            return ("cls_token", "position_embeddings")
+        swin = ("position_embeddings", "relative_position_bias_table", "mask_token")
+        return swin + ("cpb_mlp", "logit_scale") if self.config.encoder_type == "swinv2" else swin
 
     # The official pretraining ViT (`VisionTransformerForSimMIM`) truncates every truncated-normal draw at
     # +-1 std; every other official model keeps timm's default bounds of +-2 (absolute, so untruncated at std

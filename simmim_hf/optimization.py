@@ -3,7 +3,9 @@
 Two rules from the paper's recipes (microsoft/SimMIM `optimizer.py`, BEiT):
 
 * **Weight decay** only on matrices: no decay on 1-D parameters (biases, norm weights, LayerScale
-  gammas), on the learned tokens and on the position / relative-position tables.
+  gammas) and on what the official model lists: ViT its CLS token and absolute positions (its mask token and
+  relative position tables are decayed), Swin its absolute positions, relative position tables and mask token,
+  SwinV2 also its position-bias MLP and logit scales.
 * **Layer-wise lr decay** (fine-tuning): the embeddings are layer 0, block ``i`` is layer ``i + 1``
   (counting through all Swin stages) and the final norm / head is layer ``depth + 1`` with
   ``depth = config.num_layers_for_decay``. Each group gets
@@ -36,8 +38,9 @@ from torch.optim.lr_scheduler import LRScheduler
 logger = logging.getLogger(__name__)
 
 # Parameters whose name contains one of these never get weight decay (in addition to all 1-D parameters): the
-# names every ViT-family model (timm, BEiT, transformers, SimMIM) gives its tokens and position tables. A model class
-# adds its own via `_no_weight_decay_keywords` (SimMIM's SwinV2 does).
+# names ViT-family models (timm, BEiT, transformers) give their tokens and position tables. A model that knows its
+# recipe's list sets `_no_weight_decay_keywords`, which replaces this one (every SimMIM model does: the official ViT
+# decays its mask token and relative position tables, Swin does not).
 DEFAULT_NO_WEIGHT_DECAY_KEYWORDS = (
     "cls_token",
     "mask_token",
@@ -51,9 +54,8 @@ SCHEDULES = ("cosine", "linear", "multistep", "constant")
 
 
 def _no_weight_decay_keywords(model: torch.nn.Module, extra: Iterable[str] | None) -> tuple[str, ...]:
-    keywords = list(DEFAULT_NO_WEIGHT_DECAY_KEYWORDS)
-    keywords += list(getattr(model, "_no_weight_decay_keywords", ()) or ())
-    keywords += list(extra or ())
+    own = getattr(model, "_no_weight_decay_keywords", None)
+    keywords = list(DEFAULT_NO_WEIGHT_DECAY_KEYWORDS if own is None else own) + list(extra or ())
     return tuple(dict.fromkeys(keywords))  # de-duplicated, order kept
 
 
@@ -178,7 +180,10 @@ class LayerDecayLRScheduler(LRScheduler):
     * ``"cosine"``: ``min_lr + (peak - min_lr) * (1 + cos(pi * step / num_training_steps)) / 2``. As timm's
       ``CosineLRScheduler`` without ``warmup_prefix`` the cosine spans *all* steps, warmup included, so it is
       already past its top when the warmup ends (at 20 of 100 epochs: 0.905 x peak);
-    * ``"linear"``: from the peak down to `min_lr` over the steps after the warmup;
+      With `warmup_prefix=True` (the official SwinV2 SimMIM code: timm's ``warmup_prefix``) the cosine starts
+      after the warmup instead, over the remaining steps, from the peak itself;
+    * ``"linear"``: from the peak down to `min_lr` over the steps after the warmup (the official
+      ``LinearLRScheduler`` ends each group at 1 % of its own peak instead; no official recipe uses it);
     * ``"multistep"``: ``peak * gamma ** (number of milestones <= step)``;
     * ``"constant"``: the peak.
 
@@ -199,6 +204,7 @@ class LayerDecayLRScheduler(LRScheduler):
         min_lr: float = 0.0,
         milestones: Sequence[int] = (),
         gamma: float = 0.1,
+        warmup_prefix: bool = False,
         last_epoch: int = -1,
     ):
         if schedule not in SCHEDULES:
@@ -223,6 +229,7 @@ class LayerDecayLRScheduler(LRScheduler):
         self.min_lr = float(min_lr)
         self.milestones = sorted(int(m) for m in milestones)
         self.gamma = float(gamma)
+        self.warmup_prefix = bool(warmup_prefix)
         super().__init__(optimizer, last_epoch)
 
     def lr_at(self, step: int, lr_scale: float = 1.0) -> float:
@@ -238,7 +245,11 @@ class LayerDecayLRScheduler(LRScheduler):
             span = max(1, self.num_training_steps - self.num_warmup_steps)
             progress = min(1.0, (step - self.num_warmup_steps) / span)
             return peak + (self.min_lr - peak) * progress
-        progress = min(1.0, step / self.num_training_steps)
+        if self.warmup_prefix:
+            span = max(1, self.num_training_steps - self.num_warmup_steps)
+            progress = min(1.0, (step - self.num_warmup_steps) / span)
+        else:
+            progress = min(1.0, step / self.num_training_steps)
         return self.min_lr + 0.5 * (peak - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
     def get_lr(self) -> list[float]:
@@ -341,6 +352,10 @@ def create_optimizer_and_scheduler(model: torch.nn.Module, args, plan: LearningR
     """AdamW over `build_param_groups` (weight-decay rules, layer-wise lr decay) and the
     `LayerDecayLRScheduler` of `plan`; frozen parameters (a linear probe's encoder) are left out. `fused` asks for the single-kernel AdamW (which can also skip a non-finite step without a host sync)."""
     groups = build_param_groups(model, args.weight_decay, layer_decay)
+    warmup_prefix = args.lr_warmup_prefix
+    if warmup_prefix is None:  # the official SwinV2 code starts the cosine after the warmup, microsoft/SimMIM's does not
+        encoder_type = getattr(getattr(model, "config", None), "encoder_type", None)
+        warmup_prefix = encoder_type == "swinv2" and args.lr_scheduler_type == "cosine"
     for group in groups:  # bookkeeping keys are not optimizer options
         group.pop("param_names", None)
     optimizer = torch.optim.AdamW(groups, lr=plan.peak_lr, betas=(args.adam_beta1, args.adam_beta2),
@@ -348,7 +363,7 @@ def create_optimizer_and_scheduler(model: torch.nn.Module, args, plan: LearningR
     scheduler = LayerDecayLRScheduler(
         optimizer, num_training_steps=plan.max_train_steps, num_warmup_steps=plan.warmup_steps,
         schedule=args.lr_scheduler_type, base_lr=plan.peak_lr, warmup_lr=plan.warmup_lr, min_lr=plan.min_lr,
-        milestones=plan.milestones, gamma=args.lr_gamma)
+        milestones=plan.milestones, gamma=args.lr_gamma, warmup_prefix=warmup_prefix)
     return optimizer, scheduler
 
 

@@ -60,9 +60,13 @@ from .transfer import load_pretrained_for_transfer
 
 logger = logging.getLogger(__name__)
 
-# The official layer decay per encoder (Swin-B at 100 epochs; use 0.8 for 800-epoch Swin-B, 0.7 for Swin-L;
-# SwinV2-B's fine-tuning config uses 0.75).
-DEFAULT_LAYER_DECAY = {"vit": 0.65, "swin": 0.9, "swinv2": 0.75}
+def official_finetune_defaults(config: SimMIMConfig) -> dict:
+    """Layer decay and drop path of the official fine-tuning configs where the flags leave them unset: ViT-B
+    0.65 / 0.1, Swin-B 0.9 / 0.1 (its 100-epoch recipe; the 800-epoch one uses 0.8), Swin-L 0.7 / 0.2, SwinV2-B
+    0.75 / 0.1. Swin sizes are told apart by their width (Swin-L: embed_dim 192)."""
+    if config.encoder_type == "swin" and config.embed_dim >= 192:
+        return {"layer_decay": 0.7, "drop_path_rate": 0.2}
+    return {"layer_decay": {"vit": 0.65, "swin": 0.9, "swinv2": 0.75}[config.encoder_type], "drop_path_rate": 0.1}
 
 
 def load_base_config(args: FinetuningArguments) -> SimMIMConfig:
@@ -81,7 +85,8 @@ def build_model(args: FinetuningArguments, base_config: SimMIMConfig, label_name
     """(model, config, transfer report): a classifier (or linear probe) with the pretrained encoder loaded."""
     id2label = dict(enumerate(label_names))
     overrides = dict(num_labels=len(label_names), id2label=id2label, label2id={v: k for k, v in id2label.items()},
-                     drop_path_rate=0.0 if args.linear_probe else args.drop_path_rate)
+                     drop_path_rate=0.0 if args.linear_probe else args.drop_path_rate if args.drop_path_rate is not None
+                     else official_finetune_defaults(base_config)["drop_path_rate"])
     if args.image_size is not None:
         overrides["image_size"] = args.image_size
     if args.window_size is not None:
@@ -225,16 +230,18 @@ def run(argv=None, callbacks=()) -> tuple[dict, torch.nn.Module]:
     # ---------------------------------------------------------------------------------------- optimisation
     plan = LearningRatePlan.from_args(args, accelerator.num_processes, len(train_dataloader))
     layer_decay = None if args.linear_probe else (
-        args.layer_decay if args.layer_decay is not None else DEFAULT_LAYER_DECAY[config.encoder_type])
+        args.layer_decay if args.layer_decay is not None else official_finetune_defaults(config)["layer_decay"])
     optimizer, lr_scheduler = create_optimizer_and_scheduler(
         model, args, plan, layer_decay, fused=accelerator.distributed_type != DistributedType.FSDP or None)
+    warmup_prefix = lr_scheduler.warmup_prefix  # before `prepare` wraps the scheduler
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     augment = augment.to(accelerator.device)
     checkpoints.settings = {
         "per_device_train_batch_size": args.per_device_train_batch_size, "num_processes": accelerator.num_processes,
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "max_train_steps": plan.max_train_steps,
         "train_samples": len(train_rows), "peak_lr": plan.peak_lr, "warmup_steps": plan.warmup_steps,
-        "seed": args.seed, "lr_scheduler_type": args.lr_scheduler_type, "linear_probe": args.linear_probe,
+        "seed": args.seed, "lr_scheduler_type": args.lr_scheduler_type,
+        "warmup_prefix": warmup_prefix, "linear_probe": args.linear_probe,
         # Restored from the checkpoint with the scheduler and optimizer state, whatever the flags now say.
         "milestones": list(plan.milestones), "warmup_lr": plan.warmup_lr, "min_lr": plan.min_lr,
         "lr_gamma": args.lr_gamma, "weight_decay": args.weight_decay, "layer_decay": layer_decay,

@@ -233,6 +233,7 @@ def main(argv=None, callbacks=()) -> int:
     # The fused AdamW (one kernel; skips non-finite steps without a host sync) does not take FSDP's flat params.
     optimizer, lr_scheduler = create_optimizer_and_scheduler(
         model, args, plan, fused=accelerator.distributed_type != DistributedType.FSDP or None)
+    warmup_prefix = lr_scheduler.warmup_prefix  # before `prepare` wraps the scheduler
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     # What the saved position and schedule mean: resuming under other values is refused, naming the setting.
     checkpoints.settings = {
@@ -240,7 +241,8 @@ def main(argv=None, callbacks=()) -> int:
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
         "max_train_steps": plan.max_train_steps, "train_samples": None if args.streaming else len(train_rows),
         "streaming": args.streaming, "peak_lr": plan.peak_lr, "warmup_steps": plan.warmup_steps,
-        "lr_scheduler_type": args.lr_scheduler_type, "milestones": list(plan.milestones),
+        "lr_scheduler_type": args.lr_scheduler_type,
+        "warmup_prefix": warmup_prefix, "milestones": list(plan.milestones),
         # Restored from the checkpoint with the scheduler and optimizer state, whatever the flags now say.
         "warmup_lr": plan.warmup_lr, "min_lr": plan.min_lr, "lr_gamma": args.lr_gamma,
         "weight_decay": args.weight_decay, "adam": [args.adam_beta1, args.adam_beta2, args.adam_epsilon],

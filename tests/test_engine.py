@@ -50,7 +50,8 @@ def train(tmp_path, *, accumulation=1, steps=12, callbacks=(), compute_loss=squa
     args = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
                            base_learning_rate=0.05 * 512 / 4, learning_rate=None, warmup_lr=0.0, min_lr=0.0,
                            warmup_steps=1, warmup_epochs=0, max_train_steps=steps, num_train_epochs=1,
-                           lr_milestones=None, lr_scheduler_type="cosine", lr_gamma=0.1, weight_decay=0.0,
+                           lr_milestones=None, lr_scheduler_type="cosine", lr_warmup_prefix=None, lr_gamma=0.1,
+                           weight_decay=0.0,
                            adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
     dataset = Points()
     loader = create_dataloader(dataset, 4, None, sampler=EpochShuffleSampler(len(dataset), seed=3), drop_last=True)

@@ -196,3 +196,16 @@ def test_residual_rescale_holds_with_and_without_layer_scale(layer_scale):
             expected = 0.02 * 0.538 / math.sqrt(2 * depth)
             assert linear.weight.std().item() == pytest.approx(expected, rel=0.05), (depth, linear)
         assert layer.attention.qkv.weight.std().item() == pytest.approx(0.02 * 0.538, rel=0.05)  # not rescaled
+
+
+@pytest.mark.parametrize("preset, layer_decay, drop_path", [
+    ("vit-base-p16-224", 0.65, 0.1), ("swin-base-w6-192", 0.9, 0.1), ("swin-large-w12-192", 0.7, 0.2),
+    ("swinv2-base-w12-192", 0.75, 0.1),
+])
+def test_fine_tuning_defaults_follow_the_official_config_of_the_model_size(preset, layer_decay, drop_path):
+    """Unset --layer_decay / --drop_path_rate take the official fine-tuning config's values; Swin-L's recipe (behind
+    the paper's 85.4 %) differs from Swin-B's."""
+    from simmim_hf.run_finetune import official_finetune_defaults
+
+    assert official_finetune_defaults(SimMIMConfig.from_preset(preset)) == {"layer_decay": layer_decay,
+                                                                           "drop_path_rate": drop_path}

@@ -84,19 +84,26 @@ def test_swin_layer_scales_hand_computed(swin):
 
 def test_weight_decay_rules(vit, swin):
     d = decay_of(build_param_groups(vit, 0.05, layer_decay=0.65))
+    # The official ViT (`VisionTransformer.no_weight_decay` = {pos_embed, cls_token}, no keywords) decays its
+    # relative position tables and, in pretraining, its mask token and shared table.
     for name in ("simmim.encoder.layers.0.attention.qkv.weight", "simmim.encoder.layers.0.mlp.fc1.weight",
-                 "simmim.embeddings.projection.weight", "classifier.weight"):
+                 "simmim.embeddings.projection.weight", "classifier.weight",
+                 "simmim.encoder.layers.0.attention.relative_position_bias.relative_position_bias_table"):
         assert d[name] == 0.05, name
     for name in ("simmim.embeddings.cls_token", "simmim.embeddings.position_embeddings",
-                 "simmim.encoder.layers.0.attention.relative_position_bias.relative_position_bias_table",
                  "simmim.encoder.layers.0.lambda_1", "simmim.encoder.layers.0.attention.q_bias",
                  "simmim.encoder.layers.0.layernorm_before.weight", "classifier.bias", "simmim.pooler.layernorm.weight"):
         assert d[name] == 0.0, name
     pretraining = SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("vit-nano-p4-32"))
-    assert decay_of(build_param_groups(pretraining, 0.05))["simmim.embeddings.mask_token"] == 0.0
+    d = decay_of(build_param_groups(pretraining, 0.05))
+    assert d["simmim.embeddings.mask_token"] == 0.05
+    assert d["simmim.encoder.relative_position_bias.relative_position_bias_table"] == 0.05
+    # Swin (`no_weight_decay_keywords` = relative_position_bias_table; SwinTransformerForSimMIM adds mask_token).
     d = decay_of(build_param_groups(swin, 0.05))
     assert d["simmim.encoder.stages.0.downsample.reduction.weight"] == 0.05
     assert d["simmim.encoder.stages.0.blocks.0.attention.relative_position_bias.relative_position_bias_table"] == 0.0
+    swin_pretraining = SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swin-nano-w4-32"))
+    assert decay_of(build_param_groups(swin_pretraining, 0.05))["simmim.embeddings.mask_token"] == 0.0
 
 
 def test_frozen_parameters_are_left_out(vit):
@@ -158,6 +165,32 @@ def test_schedule_values_hand_computed():
     assert [scheduler.lr_at(t) for t in (0, 1, 3, 4, 6, 7, 9)] == pytest.approx([0, 1, 1, 0.1, 0.1, 0.01, 0.01])
     scheduler = LayerDecayLRScheduler(optimizer, 10, 2, schedule="linear", min_lr=0.2)
     assert [scheduler.lr_at(t, 0.5) for t in (1, 2, 6, 10)] == pytest.approx([0.25, 0.5, 0.35, 0.2])
+
+
+def test_swinv2_starts_its_cosine_after_the_warmup_as_the_official_swinv2_code(tmp_path):
+    """microsoft/Swin-Transformer's SimMIM scripts use timm's CosineLRScheduler with `warmup_prefix=True` and
+    `t_initial = steps - warmup`: the cosine starts at the peak when the warmup ends. Default for SwinV2 only."""
+    from types import SimpleNamespace
+
+    from simmim_hf.optimization import LearningRatePlan, create_optimizer_and_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(2, 2))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = LayerDecayLRScheduler(optimizer, 10, 2, warmup_lr=0.0, min_lr=0.1, warmup_prefix=True)
+    expected = [0.0, 0.5] + [0.1 + 0.45 * (1 + math.cos(math.pi * (t - 2) / 8)) for t in range(2, 11)]
+    assert [scheduler.lr_at(t) for t in range(11)] == pytest.approx(expected, abs=1e-12)
+    assert scheduler.lr_at(2) == 1.0 and scheduler.lr_at(6) == pytest.approx(0.55)  # the peak, then halfway
+    args = SimpleNamespace(weight_decay=0.05, lr_warmup_prefix=None, lr_scheduler_type="cosine", adam_beta1=0.9,
+                           adam_beta2=0.999, adam_epsilon=1e-8, lr_gamma=0.1)
+    plan = LearningRatePlan(total_batch_size=8, peak_lr=1e-3, warmup_lr=0.0, min_lr=0.0, max_train_steps=10,
+                            warmup_steps=2, steps_per_epoch=5, milestones=(), lr_given=True)
+    prefixes = {}
+    for preset in ("swinv2-nano-w4-32", "swin-nano-w4-32", "vit-nano-p4-32"):
+        model = SimMIMForMaskedImageModeling(SimMIMConfig.from_preset(preset))
+        prefixes[preset] = create_optimizer_and_scheduler(model, args, plan)[1].warmup_prefix
+    assert prefixes == {"swinv2-nano-w4-32": True, "swin-nano-w4-32": False, "vit-nano-p4-32": False}
+    args.lr_warmup_prefix = False  # the flag decides where given
+    assert not create_optimizer_and_scheduler(model, args, plan)[1].warmup_prefix
 
 
 def test_errors_name_the_argument(vit):
