@@ -43,13 +43,13 @@ def create_accelerator(args, output_dir: str | os.PathLike, **kwargs):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
-    trackers = args.trackers()
-    check_trackers(trackers)  # before anything is trained: a missing package would mean no logs at all
     has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
         torch.backends.mps.is_available()
     on_cpu = args.cpu or not has_accelerator
     if on_cpu:
         check_cpu_strategy(has_accelerator)  # before any process group exists
+    trackers = args.trackers()
+    check_trackers(trackers)  # before anything is trained: a missing package would mean no logs at all
     accelerator = Accelerator(
         cpu=on_cpu,
         mixed_precision=args.mixed_precision,
