@@ -360,6 +360,10 @@ class FinetuneAugmentation(nn.Module):
         if self.padded_crop > 0 or self._uses_rand_augment:
             # In place where possible: on the CPU a fresh full-batch buffer costs as much as the arithmetic.
             images = torch.addcmul(mean, x, std).clamp_(0.0, 1.0)
+            if self._uses_rand_augment:
+                # Back onto the 8-bit grid the policy is defined on (timm runs it on uint8 PIL images): undoing the
+                # normalisation leaves level v at v/255 - eps, which Posterize and Solarize would read as v - 1.
+                images.mul_(255.0).round_().div_(255.0)
             if self.padded_crop > 0:
                 images = self._crop(images)
             if self._uses_rand_augment:

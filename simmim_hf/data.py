@@ -162,21 +162,41 @@ class SimMIMCollator(_SeededProcessing):
         if len(rows) == 0:
             raise ValueError("`rows` is empty; got an empty batch.")
         images = [decode_image(row[self.image_column], self.smallest_size) for row in rows]
-        readable = [i for i, image in enumerate(images) if image is not None]
-        if not readable:
-            raise RuntimeError(f"All {len(rows)} images of a batch are unreadable; check the dataset.")
-        chosen = [i if images[i] is not None else readable[i % len(readable)] for i in range(len(rows))]
+        # Each position keeps its own (epoch, index) seed, so a replacement is a fresh view (crop, flip, mask) of
+        # the image it borrows, not a copy of that image's sample.
         seeds = None
         if self.seed is not None:
-            seeds = [sample_seed(self.seed, int(rows[i].get("epoch", self.epoch)), int(rows[i][self.index_column]))
-                     for i in chosen]
-        out = dict(self.processor([images[i] for i in chosen], return_tensors="pt", seed=seeds,
-                                  **self.processor_kwargs))
+            seeds = [sample_seed(self.seed, int(row.get("epoch", self.epoch)), int(row[self.index_column]))
+                     for row in rows]
+        try:
+            out, chosen = self._process(images, seeds)
+        except ValueError:  # an image the processor rejects (e.g. float data outside [0, 1]) is unreadable too
+            for i, image in enumerate(images):
+                if image is not None and not self._accepts(image, seeds[i] if seeds else None):
+                    images[i] = None
+            out, chosen = self._process(images, seeds)
         for column in self.keep_columns:
             out["labels" if column == "label" else column] = torch.as_tensor([rows[i][column] for i in chosen])
         if self.count_unreadable:
-            out["num_unreadable"] = torch.tensor(len(rows) - len(readable))
+            out["num_unreadable"] = torch.tensor(sum(image is None for image in images))
         return out
+
+    def _process(self, images: list, seeds: list | None) -> tuple[dict, list[int]]:
+        """The processed batch with every unreadable image (None) replaced by a readable one of the batch, and
+        which image each position holds."""
+        readable = [i for i, image in enumerate(images) if image is not None]
+        if not readable:
+            raise RuntimeError(f"All {len(images)} images of a batch are unreadable; check the dataset.")
+        chosen = [i if images[i] is not None else readable[i % len(readable)] for i in range(len(images))]
+        return dict(self.processor([images[i] for i in chosen], return_tensors="pt", seed=seeds,
+                                   **self.processor_kwargs)), chosen
+
+    def _accepts(self, image, seed) -> bool:
+        try:
+            self.processor([image], return_tensors="pt", seed=None if seed is None else [seed], **self.processor_kwargs)
+        except ValueError:
+            return False
+        return True
 
 
 # ================================================================================================== rows
@@ -433,12 +453,12 @@ def load_pretraining_data(args):
         kwargs = dict(cache_dir=args.cache_dir, streaming=streaming)
         train_ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.train_split, **kwargs)
         split = args.validation_split
-        if split is None and not args.validation_split_percentage:
+        if split is None:  # the dataset's own validation split comes first; the percentage only stands in for one
             try:
                 names = datasets.get_dataset_split_names(args.dataset_name, args.dataset_config_name)
             except Exception:  # noqa: BLE001 - offline or a loading script: no evaluation then
                 names = []
-            split = "validation" if "validation" in names else None
+            split = "validation" if "validation" in names and args.train_split != "validation" else None
         if split:
             eval_ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=split, **kwargs)
         description = _hub_description(args)

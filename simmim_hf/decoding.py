@@ -94,7 +94,7 @@ def _orientation(image) -> int:
 def _jpeg_exif_orientation(data: bytes) -> int:
     """Orientation of a JPEG (1: as stored), from its EXIF or XMP block as PIL's `getexif` reads it. Most files
     carry neither, and a byte search of the header says so without parsing; PIL parses the others."""
-    header = data[: data.find(b"\xff\xda")]  # both blocks precede the first start-of-scan marker
+    header = data[:_jpeg_header_end(data)]  # both blocks precede the start-of-scan marker
     if b"Exif\x00\x00" not in header and b"http://ns.adobe.com/xap/1.0/" not in header:
         return 1
     from PIL import Image
@@ -104,6 +104,18 @@ def _jpeg_exif_orientation(data: bytes) -> int:
             return _orientation(image)
     except Exception:  # noqa: BLE001 - a damaged EXIF block does not make the pixels unreadable
         return 1
+
+
+def _jpeg_header_end(data: bytes) -> int:
+    """Offset of a JPEG's start-of-scan marker, found by walking the marker segments by their lengths: a segment's
+    payload (an ICC profile, a thumbnail) is not byte-stuffed and may itself hold the bytes FF DA."""
+    position = 2
+    while position + 4 <= len(data) and data[position] == 0xFF and data[position + 1] != 0xDA:
+        if data[position + 1] == 0xFF:  # fill byte before a marker
+            position += 1
+        else:
+            position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+    return position
 
 
 def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:

@@ -28,7 +28,9 @@ def unnormalise(pixel_values):
 
 
 def random_images(batch=8, size=16, seed=0):
-    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    """8-bit levels in [0, 1], as the training batches hold (they come from uint8 images)."""
+    levels = torch.randint(0, 256, (batch, 3, size, size), generator=torch.Generator().manual_seed(seed))
+    return levels.float() / 255
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -262,6 +264,18 @@ def test_ops_match_timm_pil(name, increasing):
         negated = apply_rand_augment_op(images, name, 9.0, negate=True, increasing=increasing,
                                         fill=[f / 255 for f in FILL])
         assert ((negated - reference).abs() * 255).mean() > 2.0
+
+
+def test_rand_augment_sees_the_exact_8bit_levels_of_a_normalised_batch(monkeypatch):
+    """Undoing the normalisation left level v at v/255 - eps, which Posterize and Solarize read as v - 1 (16 and
+    223 levels off timm's PIL ops at some levels); the policy now gets the 8-bit grid back."""
+    mean = std = (0.5, 0.5, 0.5)
+    levels = torch.arange(256, dtype=torch.float32).repeat(3, 1).view(1, 3, 16, 16)
+    augment = FinetuneAugmentation(mean, std, rand_augment="rand-m9-n1-p1", random_erasing_prob=0.0)
+    seen = []
+    monkeypatch.setattr(augment, "_rand_augment", lambda images, fill: seen.append(images.clone()) or images)
+    augment((levels / 255 - 0.5) / 0.5)
+    assert torch.equal(seen[0] * 255, levels)
 
 
 # ------------------------------------------------------------------------------------- padded crop

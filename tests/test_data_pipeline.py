@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from simmim_hf import SimMIMConfig, SimMIMImageProcessor
 from simmim_hf.data import SimMIMCollator
@@ -215,6 +215,21 @@ def test_decoded_images_are_upright_as_datasets_decodes_them(processor, monkeypa
     assert (width, height) != (600, 1600) and height > width and width >= target[0] and height >= target[1]
 
 
+def test_the_orientation_is_found_behind_a_segment_holding_the_start_of_scan_bytes():
+    """A segment's payload is not byte-stuffed: an ICC profile before the EXIF block may hold FF DA. Cutting the
+    header at the first FF DA missed the orientation and left the image sideways."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    _photo(60, 40).save(buffer, "JPEG", exif=exif.tobytes())
+    jpeg = buffer.getvalue()
+    payload = b"ICC_PROFILE\x00\x01\x01" + bytes(100) + b"\xff\xda" + bytes(100)
+    data = jpeg[:2] + b"\xff\xe2" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert expected.shape == (60, 40, 3)
+    np.testing.assert_array_equal(decode_image({"bytes": data, "path": None}), expected)
+
+
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # PIL's, as when datasets decodes the same file
 def test_a_damaged_exif_block_does_not_make_a_jpeg_unreadable():
     cell = _jpeg(_photo(60, 40))
@@ -305,3 +320,21 @@ def test_reduced_decoding_follows_the_collators_own_output_size(processor):
     decoded = decode_image(cell, collator.smallest_size)
     assert min(_size(decoded)) >= 384
     assert collator([{"image": cell, "index": 0, "epoch": 0}])["pixel_values"].shape == (1, 3, 384, 384)
+
+
+def test_pretraining_evaluates_on_a_datasets_own_validation_split_even_with_a_percentage(tmp_path):
+    """--validation_split_percentage holds out part of train only where the dataset has no validation split (it
+    carved one out of train even when the dataset had its own)."""
+    from simmim_hf.arguments import PretrainingArguments, parse_args
+    from simmim_hf.data import load_pretraining_data
+
+    for split, count in (("train", 20), ("validation", 5)):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        for i in range(count):
+            _photo(40, 40, seed=i).save(tmp_path / "data" / split / f"{i}.png")
+    for percentage in ("0", "10"):
+        args = parse_args(PretrainingArguments, ["--output_dir", str(tmp_path / "o"), "--dataset_name",
+                                                 str(tmp_path / "data"), "--cache_dir", str(tmp_path / "cache"),
+                                                 "--validation_split_percentage", percentage])
+        train, evaluation, _, _ = load_pretraining_data(args)
+        assert (len(train), len(evaluation)) == (20, 5), percentage

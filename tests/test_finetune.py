@@ -272,6 +272,19 @@ def test_collator_replaces_unreadable_rows_with_their_labels():
     torch.testing.assert_close(batch["pixel_values"][1], batch["pixel_values"][2])
     with pytest.raises(RuntimeError, match="unreadable"):
         SimMIMCollator(processor)([rows[1]])
+    # Training: the replacement is a fresh view of the image it borrows (its own position's crop, flip and mask),
+    # not a copy of that image's sample; an image the processor rejects (float data outside [0, 1]) counts as
+    # unreadable instead of failing the batch.
+    rng = np.random.default_rng(0)
+    rows = [{"image": Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)), "label": i, "index": i}
+            for i in range(3)]
+    rows.append({"image": {"bytes": b"not an image", "path": None}, "label": 3, "index": 3})
+    rows.append({"image": np.full((40, 40, 3), 300.0, dtype=np.float32), "label": 4, "index": 4})
+    collator = SimMIMCollator(processor, seed=0, keep_columns=("label",), do_train=True, return_mask=True)
+    batch = collator(rows)
+    assert batch["labels"].tolist() == [0, 1, 2, 0, 1] and int(batch["num_unreadable"]) == 2
+    assert not torch.equal(batch["pixel_values"][3], batch["pixel_values"][0])
+    assert not torch.equal(batch["bool_masked_pos"][3], batch["bool_masked_pos"][0])
 
 
 def test_model_card_states_the_augmentation_and_the_features(run_finetune, tmp_path):
