@@ -93,7 +93,9 @@ def _pooling(config) -> str:
 
 
 def write_finetuning_card(folder, args, config, results: dict, data_description: str, plan, layer_decay,
-                          accelerator, augmentation: str) -> Path:
+                          accelerator, augmentation: str, repo_id: str | None = None) -> Path:
+    """`repo_id`: the Hub repo the folder is pushed to (as created: a bare --hub_model_id gains the user's
+    namespace), named in the card's snippet; without one the snippet loads a local folder."""
     folder = Path(folder)
     base = args.model_name_or_path
     is_hub_id = base is not None and not os.path.isdir(base) and base.count("/") == 1
@@ -107,13 +109,13 @@ def write_finetuning_card(folder, args, config, results: dict, data_description:
     if args.dataset_name:
         card_data["datasets"] = [args.dataset_name]
     best = results["best"]
-    name = args.hub_model_id or Path(args.output_dir).resolve().name
+    name = repo_id or Path(args.output_dir).resolve().name
     width = f"depths {config.depths}" if config.encoder_type != "vit" else f"{config.num_hidden_layers} blocks"
     return _render(
         "finetuning.md", folder, card_data,
         summary=f"{'Linear probe' if args.linear_probe else 'Fine-tuning'} of a SimMIM encoder on {data_description}: "
                 f"best accuracy {best['accuracy'] * 100:.2f} % (epoch {best['epoch']}).",
-        model_name=name, repo_id=args.hub_model_id or "path/to/this/folder",
+        model_name=name, repo_id=repo_id or "path/to/this/folder",
         mode="linear probe" if args.linear_probe else "fine-tuning",
         linear_probe=args.linear_probe, probe_layer=args.probe_layer,
         base_model=base or f"none (random init, preset `{args.preset}`)",

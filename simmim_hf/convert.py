@@ -151,9 +151,14 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"`checkpoint` must be an existing file; got {str(path)!r}, which does not exist.")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"Could not read {str(path)!r} as a safetensors file (truncated or not one?): "
+                             f"{error}") from error
     try:
         checkpoint = torch.load(path, map_location="cpu", pickle_module=_RestrictedPickleModule, weights_only=False)
     except UnsafeCheckpointError as error:
@@ -162,8 +167,9 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
             "allowlist (tensors, OrderedDict, numpy scalars, yacs CfgNode). Loading it could execute arbitrary "
             "code. If you trust the file, re-save its state dict as .safetensors and convert that instead."
         ) from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise ValueError(f"Could not read {str(path)!r} as a torch checkpoint: {error}") from error
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:  # OSError: a truncated zip archive
+        raise ValueError(f"Could not read {str(path)!r} as a torch checkpoint (truncated or not one?): {error}") \
+            from error
     if isinstance(checkpoint, dict):
         checkpoint = {key: _plain(value) for key, value in checkpoint.items()}
     return checkpoint
@@ -274,6 +280,7 @@ def _official_config_hints(node: dict | None) -> dict:
     if not isinstance(node, dict):
         return {}
     data, model = node.get("DATA", {}) or {}, node.get("MODEL", {}) or {}
+    data, model = (part if isinstance(part, dict) else {} for part in (data, model))  # malformed: no hints
     hints = {
         "encoder_type": model.get("TYPE"),
         "image_size": data.get("IMG_SIZE"),
@@ -480,17 +487,21 @@ def convert_official_checkpoint(path: str | Path, **overrides) -> SimMIMForMaske
     hints = _official_config_hints(checkpoint.get("config") if isinstance(checkpoint, dict) else None)
     origin = f"official checkpoint {str(path)!r}"
 
-    if "encoder.patch_embed.proj.weight" in state_dict and any(k.startswith("encoder.blocks.") for k in state_dict):
-        arch, rules = _infer_official_vit(state_dict)
-    elif _is_official_swinv2(state_dict):
-        arch, rules = _infer_official_swinv2(state_dict)
-    elif "encoder.patch_embed.proj.weight" in state_dict and any(k.startswith("encoder.layers.") for k in state_dict):
-        arch, rules = _infer_official_swin(state_dict)
-    else:
-        raise ValueError(
-            f"{origin} is not a SimMIM pretraining state dict: expected 'encoder.patch_embed.proj.weight' with "
-            f"'encoder.blocks.*' (ViT) or 'encoder.layers.*' (Swin); got keys {list(state_dict)[:8]}."
-        )
+    try:
+        if "encoder.patch_embed.proj.weight" in state_dict and any(k.startswith("encoder.blocks.") for k in state_dict):
+            arch, rules = _infer_official_vit(state_dict)
+        elif _is_official_swinv2(state_dict):
+            arch, rules = _infer_official_swinv2(state_dict)
+        elif "encoder.patch_embed.proj.weight" in state_dict and any(k.startswith("encoder.layers.") for k in state_dict):
+            arch, rules = _infer_official_swin(state_dict)
+        else:
+            raise ValueError(
+                f"{origin} is not a SimMIM pretraining state dict: expected 'encoder.patch_embed.proj.weight' with "
+                f"'encoder.blocks.*' (ViT) or 'encoder.layers.*' (Swin); got keys {list(state_dict)[:8]}."
+            )
+    except KeyError as missing:  # a key the architecture is read from: a truncated or edited state dict
+        raise ValueError(f"{origin} lacks {missing}, which its architecture is read from; is the file complete?") \
+            from None
     if "decoder.0.weight" not in state_dict:
         raise ValueError(f"{origin} has no SimMIM decoder ('decoder.0.weight'); is it a fine-tuned classifier?")
 

@@ -380,7 +380,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--checkpoint", required=True, help="simmim_hf save_pretrained folder or Hub repo id")
     parser.add_argument("--output", required=True, help="folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     args = parser.parse_args(argv)
+    output = Path(args.output)
+    if Path(args.checkpoint).exists() and output.resolve() == Path(args.checkpoint).resolve():
+        raise ValueError(f"`--output` {args.output!r} is the checkpoint folder itself: exporting there would replace "
+                         "its weights and config; choose another folder.")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise ValueError(f"`--output` {args.output!r} exists and is not empty; choose a new folder, or pass "
+                         "--overwrite to write into it.")
     model, hf_model, hf_processor = export_checkpoint(args.checkpoint, args.output)
     print(f"Exported {args.checkpoint} ({model.config.encoder_type}, {type(model).__name__}) -> {args.output} "
           f"({type(hf_model).__name__}" + (f", {type(hf_processor).__name__.removesuffix('Pil')})" if hf_processor

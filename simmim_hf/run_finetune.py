@@ -306,7 +306,7 @@ def run(argv=None, callbacks=()) -> tuple[dict, torch.nn.Module]:
         atomic_write_text(output_dir / "all_results.json", to_json(results))
         if not state.preempted and history and (output_dir / "best").is_dir():
             write_finetuning_card(output_dir / "best", args, config, results, data_description, plan, layer_decay,
-                                  accelerator, augment_description)
+                                  accelerator, augment_description, repo_id=pusher.repo_id if pusher else None)
         if pusher is not None and not state.preempted:
             # Not in all_results.json (written before the push): `main` exits with status 1.
             results["hub_push_failed"] = not pusher.push_and_wait(

@@ -339,3 +339,28 @@ def test_the_converted_processor_keeps_the_sources_normalisation(tmp_path):
     main(["--source", "transformers", "--checkpoint", str(tmp_path / "src"), "--output", str(tmp_path / "out")])
     saved = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
     assert saved["image_mean"] == saved["image_std"] == [0.5, 0.5, 0.5]
+
+
+def test_damaged_official_files_get_a_clear_error(tmp_path):
+    """A partial download, a corrupt safetensors header, a state dict missing an architecture key and a config
+    with the wrong shape: each a ValueError naming the problem, not a raw OSError / SafetensorError / KeyError."""
+    from safetensors.torch import save_file
+
+    from simmim_hf.convert import convert_official_checkpoint, load_checkpoint_file
+
+    data = (FIXTURES / "vit_tiny.pth").read_bytes()
+    (tmp_path / "partial.pth").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match="truncated or not one"):
+        convert_official_checkpoint(tmp_path / "partial.pth")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(ValueError, match="as a safetensors file"):
+        convert_official_checkpoint(tmp_path / "corrupt.safetensors")
+    checkpoint = load_checkpoint_file(FIXTURES / "vit_tiny.pth")
+    state_dict = {k: v.contiguous() for k, v in (checkpoint.get("model", checkpoint)).items()
+                  if k != "encoder.blocks.0.mlp.fc1.weight"}
+    save_file(state_dict, tmp_path / "incomplete.safetensors")
+    with pytest.raises(ValueError, match="lacks 'encoder.blocks.0.mlp.fc1.weight'"):
+        convert_official_checkpoint(tmp_path / "incomplete.safetensors")
+    from simmim_hf.convert import _official_config_hints
+
+    assert _official_config_hints({"DATA": [1, 2], "MODEL": {"TYPE": "vit"}}) == {"encoder_type": "vit"}

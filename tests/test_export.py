@@ -181,6 +181,12 @@ def test_the_exported_folder_has_a_transformers_processor_doing_our_evaluation_t
         assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= 1e-5, shape
     predictions = pipeline("image-classification", model=str(tmp_path / "exported"))(image)
     assert len(predictions) == 3 and abs(sum(p["score"] for p in predictions) - 1) < 1e-4
+    # The checkpoint folder itself, or any non-empty folder, is never written into by accident.
+    with pytest.raises(ValueError, match="is the checkpoint folder itself"):
+        main(["--checkpoint", str(tmp_path / "ours"), "--output", str(tmp_path / "ours"), "--overwrite"])
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        main(["--checkpoint", str(tmp_path / "ours"), "--output", str(tmp_path / "exported")])
+    main(["--checkpoint", str(tmp_path / "ours"), "--output", str(tmp_path / "exported"), "--overwrite"])
 
 
 # ---------------------------------------------------------------------------------------------- refusals

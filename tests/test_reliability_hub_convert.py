@@ -226,6 +226,7 @@ def test_finetune_whose_push_failed_returns_1_and_writes_valid_json(tmp_path, mo
                             "--max_eval_samples", "16", "--seed", "3", "--push_to_hub", "--hub_model_id", "tester/ft"])
     assert rc == 1 and uploads == [str(out / "best")]
     assert (out / "best" / "model.safetensors").is_file() and (out / "best" / "README.md").is_file()
+    assert 'from_pretrained("tester/ft"' in (out / "best" / "README.md").read_text()  # the repo pushed to
     text = (out / "all_results.json").read_text()
     assert "NaN" not in text
     final = json.loads(text)
