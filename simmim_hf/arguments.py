@@ -233,7 +233,8 @@ class PretrainingArguments(OutputArguments, OptimizationArguments, DataArguments
     eval_steps: int | None = _arg(help="Evaluation loss every N optimizer steps (and at the end).")
     visualize_steps: int | None = _arg(help="Write a reconstruction PNG grid every N steps (always at the end).")
     num_visualize_images: int = _arg(8, "Rows of the reconstruction grid.")
-    hub_push_checkpoints: bool = _arg(False, "Also push every checkpoint (in the background) under checkpoints/ in the repo.")
+    hub_push_checkpoints: bool = _arg(False, "Also push each checkpoint (in the background) to last-checkpoint/ in the "
+                                             "repo, replacing the one before.")
     # The paper's component study, one flag each (default: the preset's / config's value). See SimMIMConfig.
     mask_patch_size: int | None = _arg(help="Masking unit in pixels (the paper: 32).")
     mask_ratio: float | None = _arg(help="Fraction of masking units masked (the paper: 0.6).")

@@ -275,9 +275,11 @@ def main(argv=None, callbacks=()) -> int:
 
     # ---------------------------------------------------------------------------------------- training
     def push_checkpoint(path):
+        # One rolling `last-checkpoint/` (transformers' hub_strategy="checkpoint"): each push replaces it whole, so
+        # the repo never keeps a discarded run's or an abandoned branch's checkpoints, nor every step's optimizer.
         if pusher is not None and args.hub_push_checkpoints:
             checkpoints.protected.add(str(path))
-            pusher.push(path, f"Checkpoint {path.name}", path_in_repo=f"checkpoints/{path.name}",
+            pusher.push(path, f"Checkpoint {path.name}", path_in_repo="last-checkpoint", delete_patterns=["*"],
                         on_done=lambda p=str(path): checkpoints.protected.discard(p))
 
     evaluation = EvaluateAndVisualize(args, eval_dataloader, vis_batch, processor)

@@ -682,9 +682,11 @@ class HubPusher:
         return fallback
 
     def push(self, folder: str | os.PathLike, commit_message: str, path_in_repo: str | None = None,
-             ignore_patterns: list[str] | None = None, on_done=None) -> Future:
+             ignore_patterns: list[str] | None = None, on_done=None,
+             delete_patterns: list[str] | None = None) -> Future:
         """Queue an upload of `folder`; returns a Future (True on success). `on_done` runs afterwards in the
-        background thread, whatever the outcome (used to release a checkpoint for rotation)."""
+        background thread, whatever the outcome (used to release a checkpoint for rotation). `delete_patterns`:
+        remote files under `path_in_repo` to delete in the same commit (`["*"]` replaces the folder whole)."""
         folder = str(folder)
 
         def task():
@@ -693,7 +695,8 @@ class HubPusher:
                     f"upload of {folder}",
                     lambda: self.api.upload_folder(
                         repo_id=self.repo_id, folder_path=folder, path_in_repo=path_in_repo,
-                        commit_message=commit_message, ignore_patterns=ignore_patterns, repo_type="model"),
+                        commit_message=commit_message, ignore_patterns=ignore_patterns,
+                        delete_patterns=delete_patterns, repo_type="model"),
                     fallback=False,
                 )
                 if result is not False:

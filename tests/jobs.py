@@ -59,7 +59,8 @@ class Recorder(LoopCallback):
 class HubStandin:
     """Replaces `huggingface_hub.HfApi.create_repo` / `upload_folder` (through `monkeypatch`): `create_repo`
     records the repo; `upload_folder` fails `failures` times with a transient error (to exercise the retries),
-    then copies the folder (minus `ignore_patterns`) to `<record>/<repo_id>/<path_in_repo>`, as the Hub stores it."""
+    then deletes what `delete_patterns` names under `<record>/<repo_id>/<path_in_repo>` and copies the folder (minus
+    `ignore_patterns`) there, as the Hub stores it."""
 
     def __init__(self, record: Path, monkeypatch, failures: int = 1, backoff_seconds: float | None = None):
         import huggingface_hub
@@ -73,11 +74,16 @@ class HubStandin:
             return f"https://huggingface.co/{repo_id}"
 
         def upload_folder(api, repo_id, folder_path, path_in_repo=None, commit_message=None, ignore_patterns=None,
-                          repo_type=None, **kwargs):
+                          repo_type=None, delete_patterns=None, **kwargs):
             standin.uploads += 1
             if standin.uploads <= standin.failures:
                 raise ConnectionError("simulated network failure")
             target = standin.record / repo_id / (path_in_repo or "")
+            if target.is_dir():  # the Hub matches delete_patterns against paths relative to path_in_repo
+                for stored in [p for p in target.rglob("*") if p.is_file()]:
+                    if any(fnmatch.fnmatch(stored.relative_to(target).as_posix(), pattern)
+                           for pattern in delete_patterns or []):
+                        stored.unlink()
             for root, _, files in os.walk(folder_path):
                 for name in files:
                     src = Path(root) / name

@@ -195,6 +195,26 @@ def test_pretraining_whose_push_failed_exits_1_after_saving_and_writes_valid_jso
     assert results["stopped_early"] is False  # so the exit status 1 is the failed push
 
 
+def test_pushed_checkpoints_replace_each_other_in_last_checkpoint(tmp_path, monkeypatch):
+    """--hub_push_checkpoints kept every checkpoint under checkpoints/<name> in the repo, so a run started over
+    (or resumed before a divergence) left the discarded checkpoints there beside the new ones."""
+    out, record = tmp_path / "out", tmp_path / "hub"
+    HubStandin(record, monkeypatch, failures=0)
+    args = ["--output_dir", out, "--preset", "vit-nano-p4-32", "--per_device_train_batch_size", "4",
+            "--sample_data_repeats", "1", "--warmup_steps", "1", "--logging_steps", "1", "--report_to", "none",
+            "--dataloader_num_workers", "0", "--learning_rate", "1e-3", "--checkpointing_steps", "2",
+            "--push_to_hub", "--hub_model_id", "tester/ckpt", "--hub_push_checkpoints"]
+    assert pretrain([*args, "--max_train_steps", "4"]) == 0
+    repo = record / "tester" / "ckpt"
+
+    def pushed_step():
+        return json.loads((repo / "last-checkpoint" / "checkpoint_complete.json").read_text())["step"]
+
+    assert pushed_step() == 4 and not (repo / "checkpoints").exists()
+    assert pretrain([*args, "--max_train_steps", "3", "--overwrite_output_dir"]) == 0
+    assert pushed_step() == 3 and not (repo / "checkpoints").exists()
+
+
 def test_finetune_whose_push_failed_returns_1_and_writes_valid_json(tmp_path, monkeypatch):
     import huggingface_hub
 
