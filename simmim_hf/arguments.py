@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -322,6 +323,12 @@ class FinetuningArguments(OutputArguments, OptimizationArguments, DataArguments,
                  "give --model_name_or_path (a SimMIM checkpoint) or --preset (random init).")
         _require(not (self.linear_probe and (self.mixup or self.cutmix)),
                  "--linear_probe trains on clean features; --mixup/--cutmix are not supported with it.")
+        # A probe saves its head only: on the Hub it is usable only on top of an encoder others can download.
+        local_base = self.model_name_or_path is None or os.path.isdir(self.model_name_or_path)
+        _require(not (self.push_to_hub and self.linear_probe and local_base),
+                 "--push_to_hub with --linear_probe pushes the trained head only, which needs its encoder: pass a "
+                 f"Hub model as --model_name_or_path (user/repo); got {self.model_name_or_path or self.preset!r}, "
+                 "which others cannot download. Push the encoder first, or fine-tune instead.")
         # The official recipe's regularisation is for fine-tuning; a linear probe trains on crop + flip only.
         probe = self.linear_probe
         defaults = dict(mixup=0.0 if probe else 0.8, cutmix=0.0 if probe else 1.0, label_smoothing=0.0 if probe else 0.1,

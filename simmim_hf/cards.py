@@ -102,8 +102,10 @@ def write_finetuning_card(folder, args, config, results: dict, data_description:
     rows = [f"| {r['epoch']} | {r['accuracy'] * 100:.2f} | "
             + (f"{r['top5_accuracy'] * 100:.2f}" if "top5_accuracy" in r else "–") + f" | {r['loss']:.4f} |"
             for r in results["history"]]
-    card_data = {"license": "apache-2.0", "library_name": "transformers", "pipeline_tag": "image-classification",
-                 "tags": ["simmim", "image-classification", "vision"] + (["linear-probe"] if args.linear_probe else [])}
+    card_data = {"license": "apache-2.0", "tags": ["simmim", "image-classification", "vision"]
+                 + (["linear-probe"] if args.linear_probe else [])}
+    if not args.linear_probe:  # a probe's folder holds its head only: no transformers model for the widget to load
+        card_data.update(library_name="transformers", pipeline_tag="image-classification")
     if is_hub_id:
         card_data["base_model"] = base
     if args.dataset_name:

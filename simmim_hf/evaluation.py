@@ -120,9 +120,9 @@ class LinearProbe(nn.Module):
         self.encoder.eval()  # frozen: always the deterministic inference path
         return self
 
-    def save_head(self, folder, base_model: str | None) -> None:
+    def save_head(self, folder, base_model: str | None, id2label: dict | None = None) -> None:
         """Write only the trained head (`linear_probe_head.safetensors`) and what it needs
-        (`linear_probe_config.json`: the encoder it sits on, the layer, the normalisation)."""
+        (`linear_probe_config.json`: the encoder it sits on, the layer, the normalisation, the class names)."""
         import json
         from pathlib import Path
 
@@ -134,7 +134,8 @@ class LinearProbe(nn.Module):
                   str(folder / "linear_probe_head.safetensors"))
         (folder / "linear_probe_config.json").write_text(json.dumps(
             {"base_model": base_model, "probe_layer": self.layer, "normalize": "layernorm_without_affine",
-             "num_labels": self.head.out_features}, indent=2))
+             "num_labels": self.head.out_features,
+             "id2label": {str(k): v for k, v in (id2label or {}).items()} or None}, indent=2))
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> ImageClassifierOutput:
         with torch.no_grad():

@@ -131,8 +131,9 @@ class EvaluateAndSave(LoopCallback):
     """Every --eval_every_epochs epochs and at the end: evaluate, save `last/` (and `best/` when better) and a
     resumable checkpoint holding the best result and the history (in `state.extra`)."""
 
-    def __init__(self, args, eval_dataloader, processor, num_classes):
+    def __init__(self, args, eval_dataloader, processor, num_classes, id2label=None):
         self.args, self.eval_dataloader, self.processor, self.num_classes = args, eval_dataloader, processor, num_classes
+        self.id2label = id2label
 
     def _save(self, loop, folder: Path, results: dict) -> None:
         """Write the model and its results next to `folder`, then swap it in: a failed save (a full disk, a kill)
@@ -144,8 +145,9 @@ class EvaluateAndSave(LoopCallback):
         accelerator.wait_for_everyone()
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         if isinstance(unwrapped, LinearProbe):  # the encoder is the unchanged pretrained one: the head only
-            if accelerator.is_main_process:
-                unwrapped.save_head(staging, self.args.model_name_or_path)
+            if accelerator.is_main_process:  # with the class names and the input transform it was trained on
+                unwrapped.save_head(staging, self.args.model_name_or_path, self.id2label)
+                self.processor.save_pretrained(staging)
         else:
             save_model(accelerator, model, staging, self.processor)
         if accelerator.is_main_process:
@@ -284,7 +286,7 @@ def run(argv=None, callbacks=()) -> tuple[dict, torch.nn.Module]:
         accelerator, model, optimizer, lr_scheduler, train_dataloader, classification_loss, plan, checkpoints,
         logging_steps=args.logging_steps, checkpointing_steps=args.checkpointing_steps,
         max_grad_norm=args.max_grad_norm, max_consecutive_nonfinite=args.max_consecutive_nonfinite,
-        callbacks=[EvaluateAndSave(args, eval_dataloader, processor, num_classes), *callbacks],
+        callbacks=[EvaluateAndSave(args, eval_dataloader, processor, num_classes, config.id2label), *callbacks],
         prepare_batch=lambda batch: {**batch, "pixel_values": processor.normalize_uint8(batch["pixel_values"])},
         description="linear probe" if args.linear_probe else "fine-tuning")
     state = loop.resume(resume_path) if resume_path is not None else None

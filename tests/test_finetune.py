@@ -298,6 +298,14 @@ def test_model_card_states_the_augmentation_and_the_features(run_finetune, tmp_p
                       "1", "--linear_probe", "--probe_layer", "1"])
     probe_card = next((tmp_path / "p").rglob("README.md")).read_text()
     assert "mean of hidden state 1's patch tokens, then a LayerNorm without affine weights" in probe_card
+    # The probe's folder holds its head: with the class names and the processor, and no claim to be a
+    # transformers model; pushing it is refused unless its encoder is on the Hub.
+    probe_config = json.loads((tmp_path / "p" / "best" / "linear_probe_config.json").read_text())
+    assert len(probe_config["id2label"]) == 10 and (tmp_path / "p" / "best" / "preprocessor_config.json").is_file()
+    assert "library_name" not in probe_card.split("---")[1] and "pipeline_tag" not in probe_card.split("---")[1]
+    with pytest.raises(SystemExit):
+        run_finetune.parse_args(["--preset", "vit-nano-p4-32", "--output_dir", str(tmp_path / "q"), "--linear_probe",
+                                 "--push_to_hub"])
 
 
 def test_resume_refuses_another_data_split_or_recipe(run_finetune, tmp_path):
