@@ -32,7 +32,8 @@ def _render(template_name: str, folder: Path, card_data: dict, summary: str, **f
 def describe_architecture(config) -> str:
     if config.encoder_type == "vit":
         return f"ViT, {config.num_hidden_layers} layers, width {config.hidden_size}"
-    return f"Swin, depths {config.depths}, embed dim {config.embed_dim}, window {config.window_size}"
+    name = "SwinV2" if config.encoder_type == "swinv2" else "Swin"
+    return f"{name}, depths {config.depths}, embed dim {config.embed_dim}, window {config.window_size}"
 
 
 def describe_objective(config) -> str:

@@ -465,7 +465,7 @@ def load_pretraining_data(args):
     elif args.train_dir:
         loaded = _image_folder(args)
         train_ds, eval_ds = loaded["train"], loaded.get("validation")
-        description = f"local image folder ({len(train_ds)} images)"
+        description = "local image folder"
     else:
         from . import sample_data
 
