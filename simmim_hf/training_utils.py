@@ -98,31 +98,20 @@ def publish_folder(staging: str | os.PathLike, final: str | os.PathLike) -> None
     if final.exists():
         os.replace(final, previous)
     os.replace(staging, final)
-    _fsync_dir(final.parent)
+    _fsync(final.parent)
     shutil.rmtree(previous, ignore_errors=True)
 
 
 def _fsync_tree(folder: Path) -> None:
-    """fsync every file under `folder`, then the folders (best effort where unsupported)."""
-    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders that list them
-        if path.is_file():
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        else:
-            _fsync_dir(path)
-    _fsync_dir(folder)
+    """fsync every file under `folder`, then the folders that list them, then `folder`."""
+    for path in sorted(folder.rglob("*"), reverse=True):  # deeper entries first
+        _fsync(path)
+    _fsync(folder)
 
 
-def _fsync_dir(path: str | os.PathLike) -> None:
-    # Make a rename durable (otherwise a power loss can undo it); best effort where unsupported.
+def _fsync(path: str | os.PathLike) -> None:
+    # A file's data, or a folder's entries (which makes a rename durable: a power loss could undo it otherwise);
+    # best effort where unsupported.
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -283,7 +272,7 @@ class CheckpointManager:
                     os.replace(final, replaced)
                 os.replace(tmp, final)
                 published = True
-                _fsync_dir(self.root)
+                _fsync(self.root)
                 atomic_write_text(self.root / LATEST_FILE, final.name + "\n")
         except BaseException:
             if held and not published:  # the previous run's checkpoints are all there is: put them back
