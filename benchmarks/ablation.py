@@ -32,7 +32,7 @@ fine-tuning seeds per arm: on this data the seed-to-seed spread of fine-tuning i
 probe 2-5 (see `benchmarks/results/finetune_quality`), so smaller differences are noise.
 
 Usage (2 CPU cores):
-    python benchmarks/ablation.py                 # 13 arms + random init, about 35 minutes on an idle machine
+    python benchmarks/ablation.py                 # 13 arms + random init, about 32 minutes on 2 idle cores
     python benchmarks/ablation.py --quick         # smoke run: one arm per group, a few steps, a few minutes
     python benchmarks/ablation.py --arms head:mlp loss:color_ce-256   # some arms (the baseline always runs)
 

@@ -24,7 +24,8 @@ Protocol (the same for every arm; nothing in it is tuned per arm):
   (`--pretrain_seed`), so the spread is the fine-tuning spread. Mean, std and the paired gain (pretrained minus
   scratch, same seed) are reported.
 
-Usage (on 2 CPU cores: about 5 minutes per pretraining arm, then about 1 minute per seed and arm):
+Usage (on 2 CPU cores: about 15 minutes for the paper ViT's pretraining, 4-6 for the plain ones, then about 1
+minute per seed and arm):
     python benchmarks/finetune_quality.py --output_dir bench_out
     python benchmarks/finetune_quality.py --output_dir bench_out --arms paper --seeds 0  # one arm, one seed
 
