@@ -250,7 +250,11 @@ class TrainingLoop:
         self._grad_norm = torch.zeros((), device=device)
         self._images = 0
         self._steps_since_log = 0
+        # images/s counts training time only: evaluation, pictures and checkpoints (step and epoch hooks) run
+        # "aside", and the time aside is left out of the interval it falls in, also when a hook logs mid-way.
         self._log_time = time.perf_counter()
+        self._aside_time = 0.0
+        self._aside_since: float | None = None
 
     # ------------------------------------------------------------------------------------------ resuming
     def resume(self, path: str | os.PathLike) -> TrainState:
@@ -315,7 +319,7 @@ class TrainingLoop:
             batch = self.prepare_batch(batch)
         with accelerator.accumulate(self.model):
             loss = self.compute_loss(self.model, batch, state)
-            accelerator.backward(loss)
+            accelerator.backward(loss * self._window_scale(state))
             finite = torch.isfinite(loss.detach())
             self._loss_sum += torch.where(finite, loss.detach().float(), 0.0)
             self._loss_count += finite.float()
@@ -336,12 +340,24 @@ class TrainingLoop:
             self._unreadable += batch["num_unreadable"].to(self._unreadable.device)
         self._images += batch["pixel_values"].shape[0] * accelerator.num_processes
 
+    def _window_scale(self, state: TrainState) -> float:
+        """Accelerate divides every micro-batch's loss by the accumulation count G and steps at the end of an epoch
+        whatever the count: the k < G micro-batches of an epoch's last, short window would give a gradient k / G
+        of the mean. Scaled by G / k, it is the mean over the micro-batches it has."""
+        accumulation = self.accelerator.gradient_accumulation_steps
+        if accumulation == 1 or self.streaming:
+            return 1.0
+        batches = len(self.train_dataloader)
+        last_window = batches % accumulation
+        return accumulation / last_window if last_window and state.batches_in_epoch >= batches - last_window else 1.0
+
     def _log(self, state: TrainState, progress) -> None:
         accelerator = self.accelerator
         stats = accelerator.reduce(torch.stack([self._loss_sum, self._loss_count, self._unreadable]), reduction="sum")
         loss_total, count, unreadable = stats.tolist()  # the host sync of this interval
         now = time.perf_counter()
-        images_per_sec = self._images / max(now - self._log_time, 1e-9)
+        aside = self._aside_time + (now - self._aside_since if self._aside_since is not None else 0.0)
+        images_per_sec = self._images / max(now - self._log_time - aside, 1e-9)
         state.last_loss = loss_total / count if count else float("nan")
         lr = self.lr_scheduler.get_last_lr()[-1]
         logs = {"train/loss": state.last_loss, "train/lr": lr, "train/grad_norm": self._grad_norm.float().item(),
@@ -367,14 +383,25 @@ class TrainingLoop:
             callback.on_log(self, state, logs)
         for tensor in (self._loss_sum, self._loss_count, self._unreadable):
             tensor.zero_()
-        self._images, self._steps_since_log, self._log_time = 0, 0, now
+        self._images, self._steps_since_log, self._log_time, self._aside_time = 0, 0, now, 0.0
+        if self._aside_since is not None:  # logged from inside a hook: the rest of it belongs to the next interval
+            self._aside_since = now
+
+    def _step_aside(self) -> None:
+        self._aside_since = time.perf_counter()
+
+    def _step_back(self) -> None:
+        self._aside_time += time.perf_counter() - self._aside_since
+        self._aside_since = None
 
     def _end_epoch(self, state: TrainState) -> None:
         if self._epoch_end_step == state.global_step:
             return  # training ended right where an epoch ended: the hooks ran already
         self._epoch_end_step = state.global_step
+        self._step_aside()
         for callback in self.callbacks:
             callback.on_epoch_end(self, state)
+        self._step_back()
 
     def run(self, state: TrainState | None = None) -> TrainState:
         """Train from `state` (default: the start) until the step budget, an early stop or a signal; returns the
@@ -423,13 +450,12 @@ class TrainingLoop:
                         progress.update(1)
                     if state.global_step % self.logging_steps == 0 or state.global_step == max_steps:
                         self._log(state, progress)
-                    aside = time.perf_counter()
+                    self._step_aside()  # evaluation, pictures and checkpoints are not training
                     for callback in self.callbacks:
                         callback.on_step_end(self, state)
                     if self.checkpointing_steps and state.global_step % self.checkpointing_steps == 0:
                         self.save_checkpoint(state)
-                    # Evaluation, pictures and checkpoints are not training: images/s leaves their time out.
-                    self._log_time += time.perf_counter() - aside
+                    self._step_back()
                     if preemption.should_stop():
                         state.preempted = True
                         # Another rank's signal stops this one too (the flag is all-reduced): report SIGTERM then.

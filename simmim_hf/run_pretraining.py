@@ -206,7 +206,8 @@ def main(argv=None, callbacks=()) -> int:
             raise ValueError(f"The training set has {len(train_rows)} images, fewer than one total batch "
                              f"(--per_device_train_batch_size {args.per_device_train_batch_size} x "
                              f"{accelerator.num_processes} processes); lower the batch size.")
-        # drop_last: every step sees full batches on every rank (a constant lr-scaling batch, DDP in step).
+        # drop_last: full micro-batches on every rank (DDP in step). With accumulation an epoch's last window may
+        # hold fewer of them; its gradient is still their mean (`TrainingLoop._window_scale`).
         train_dataloader = create_dataloader(train_rows, args.per_device_train_batch_size, train_collator,
                                              sampler=EpochShuffleSampler(len(train_rows), args.seed),
                                              drop_last=True, **loader_kwargs)

@@ -78,6 +78,45 @@ def test_steps_epochs_and_logging_with_gradient_accumulation(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")) == ["checkpoint-7"]
 
 
+def test_an_epochs_short_last_accumulation_window_steps_on_the_mean_of_its_micro_batches(tmp_path):
+    """6 batches an epoch, 4 per optimizer step: the second step has 2. Accelerate divides every loss by 4, so that
+    step's gradient was half the mean of its micro-batches; it is now their mean, as a full window's."""
+    own, applied = [], []
+
+    def recorded(model, batch, state):
+        weight = model.weight.detach().requires_grad_()  # this micro-batch's own gradient, on a copy
+        copy = torch.nn.functional.mse_loss(batch["pixel_values"] @ weight.T + model.bias.detach(), batch["target"])
+        own.append(torch.autograd.grad(copy, weight)[0])
+        loss = squared_error(model, batch, state)
+        if not own[:-1]:  # the first micro-batch: record every gradient that reaches the weight from now on
+            model.weight.register_hook(lambda grad: applied.append(grad.clone()))
+        return loss
+
+    state, _ = train(tmp_path, accumulation=4, steps=2, compute_loss=recorded)
+    assert state.global_step == 2 and len(own) == 6 and len(applied) == 6
+    full, short = sum(applied[:4]), sum(applied[4:])
+    torch.testing.assert_close(full, torch.stack(own[:4]).mean(0))
+    torch.testing.assert_close(short, torch.stack(own[4:]).mean(0))
+
+
+def test_images_per_second_leaves_out_step_and_epoch_hooks(tmp_path):
+    """Hooks (evaluation, pictures, checkpoints) are not training. A checkpoint on a step that is not a logging step
+    logs from inside the hooks: its time used to be taken out twice (4e9 images/s in the next interval), and the
+    epoch-end hooks (fine-tuning's evaluation and saves) were counted as training."""
+    import time
+
+    class Slow(Recorder):
+        def on_epoch_end(self, loop, state):
+            super().on_epoch_end(loop, state)
+            time.sleep(0.5)
+
+    slow = Slow(at_step={3: lambda: time.sleep(0.5), 7: lambda: time.sleep(0.5)})
+    train(tmp_path, steps=10, callbacks=[slow], checkpointing_steps=3)  # logging every 2 steps
+    rates = [entry["train/images_per_sec"] for entry in slow.logs]
+    # 4 images a step of a 4-input linear model: far above 4 / 0.5 s, far below a clock gone wrong.
+    assert len(rates) >= 5 and all(40 < rate < 1e7 for rate in rates), rates
+
+
 @pytest.mark.parametrize("fused", [True, False])  # False: FSDP's optimizer, skipped from the host
 def test_a_non_finite_step_is_skipped_without_touching_the_weights(tmp_path, fused):
     snapshots = {}
