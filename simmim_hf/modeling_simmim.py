@@ -397,23 +397,27 @@ class SimMIMShiftedWindowLayer(GradientCheckpointingLayer):
 
     def _init_windows(self, config: SimMIMConfig, resolution: int, shift: bool) -> None:
         self.window_size = min(config.window_size, resolution)
-        self.shift_size = self.window_size // 2 if shift and resolution > config.window_size else 0
+        self.shifts = shift  # every second block; whether it does at a given input depends on the stage's grid
+        self.shift_size = self._shift_at(resolution, resolution)  # at the built resolution
         # The shift mask at the configured resolution is built once; other resolutions build theirs on the fly.
         self.resolution = resolution
         self.register_buffer("shift_mask", self._shift_mask(resolution, resolution), persistent=False)
 
+    def _shift_at(self, height: int, width: int) -> int:
+        """Swin's rule at a stage grid: a shifting block moves by half a window unless a side is no longer than the
+        window (nothing to shift). A model run at another input size than it was built for shifts, or not, as one
+        built at that size does (a window clipped to a small built stage stays clipped, so there it cannot)."""
+        return self.window_size // 2 if self.shifts and min(height, width) > self.window_size else 0
+
     def _shift_mask(self, height: int, width: int) -> torch.Tensor | None:
-        if not self.shift_size:
-            return None
-        return shifted_window_mask(height, width, self.window_size, self.shift_size)
+        shift = self._shift_at(height, width)
+        return shifted_window_mask(height, width, self.window_size, shift) if shift else None
 
     def _window_attention(self, x: torch.Tensor, grid: tuple[int, int], output_attentions: bool):
         """x (B, H, W, C) -> attention within (shifted) windows, (B, H*W, C), and the weights if asked."""
         height, width = grid
         b, _, _, c = x.shape
-        # The rule of `_init_windows` at this input's grid: a side no longer than the window leaves nothing to
-        # shift (at a smaller input than the built one, a stage can shrink to one window per row or column).
-        shift = self.shift_size if min(height, width) > self.window_size else 0
+        shift = self._shift_at(height, width)  # at a smaller or larger input than the built one too
         if shift:
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
         windows = window_partition(x, self.window_size)  # (B, nW, w*w, C)

@@ -351,9 +351,10 @@ def tiny_models():
 
 
 @pytest.mark.parametrize("preset", ["swin-nano-w4-32", "swinv2-nano-w4-32"])
-def test_a_swin_at_a_smaller_input_computes_what_a_model_built_at_that_size_does(preset):
-    """Built at 64 px, stage 2 is 8x8 tokens and shifts its 4x4 windows; at 32 px it is one 4x4 window, where
-    Swin does not shift (as a model built at 32 px, and transformers' Swin, decide at run time)."""
+def test_a_swin_at_another_input_size_computes_what_a_model_built_at_that_size_does(preset):
+    """Built at 64 px, the last stage is 8x8 tokens and shifts its 4x4 windows; at 32 px it is one 4x4 window,
+    where Swin does not shift (as a model built at 32 px, and transformers' Swin, decide at run time). And the
+    other way round: a model built at 32 px shifts that stage at 64 px (it used to keep it unshifted)."""
     torch.manual_seed(0)
     big = SimMIMModel(SimMIMConfig.from_preset(preset, image_size=64, mask_patch_size=16)).eval()
     small = SimMIMModel(SimMIMConfig.from_preset(preset)).eval()
@@ -361,9 +362,11 @@ def test_a_swin_at_a_smaller_input_computes_what_a_model_built_at_that_size_does
         for param in big.parameters():
             param.add_(torch.randn_like(param) * 0.05)  # away from the zero-initialised post-norms and biases
     small.load_state_dict(big.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(big(x).last_hidden_state, small(x).last_hidden_state, rtol=0, atol=1e-5)
+    for size in (32, 64):
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(big(x).last_hidden_state, small(x).last_hidden_state, rtol=0, atol=1e-5,
+                                       msg=f"{size} px")
 
 
 def test_swin_grids_one_window_high_are_accepted_and_absolute_positions_need_the_built_size():
