@@ -385,7 +385,13 @@ def test_unreadable_images_are_replaced_and_counted():
     batch = SimMIMCollator(processor, seed=0, do_train=True, return_mask=True)(
         [{"image": image, "index": 0, "epoch": 0}, {"image": {"bytes": b"junk", "path": None}, "index": 1, "epoch": 0}])
     assert batch["pixel_values"].shape[0] == 2 and int(batch["num_unreadable"]) == 1
-    assert torch.equal(batch["pixel_values"][0], batch["pixel_values"][1])  # the readable row stands in
+    # The readable image stands in, with the crop, flip and mask of the position it fills (not a copy of its own).
+    from simmim_hf.training_utils import sample_seed
+
+    own = processor([image], return_tensors="pt", do_train=True, return_mask=True, seed=[sample_seed(0, 0, 1)])
+    assert torch.equal(batch["pixel_values"][1], own["pixel_values"][0])
+    assert torch.equal(batch["bool_masked_pos"][1], own["bool_masked_pos"][0])
+    assert not torch.equal(batch["pixel_values"][0], batch["pixel_values"][1])
 
 
 def test_trainer_compatibility(tmp_path):
