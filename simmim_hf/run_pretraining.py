@@ -183,8 +183,8 @@ def main(argv=None, callbacks=()) -> int:
     if not args.streaming:  # what was trained on, after truncation and the held-out split
         held_out = f", {len(eval_hf)} held out for evaluation" if eval_hf is not None else ""
         embedded_repeats = args.sample_data_repeats if not (args.dataset_name or args.train_dir) else 1
-        repeated = f" (the photos {embedded_repeats}x per epoch)" if embedded_repeats > 1 else ""
-        data_description += f" ({len(train_hf)} training samples{repeated}{held_out})"
+        repeated = f", the photos {embedded_repeats}x per epoch" if embedded_repeats > 1 else ""
+        data_description += f"; {len(train_hf)} training samples{repeated}{held_out}"
     num_workers = args.dataloader_num_workers if args.dataloader_num_workers is not None \
         else default_num_workers(accelerator)
     loader_kwargs = dict(num_workers=num_workers, pin_memory=accelerator.device.type == "cuda")

@@ -202,7 +202,7 @@ def test_push_to_hub_standin_holds_a_loadable_model(full_run):
     assert "AvgDist" in card and "linear head, normalised pixels, L1 on masked pixels" in card
     assert "skimage/data/README.txt" in card and "CC BY 2.0" in card  # the embedded photos' credits
     # What was trained on, after the held-out split (20 % of the 20 photos; COMMON repeats each once).
-    assert "(16 training samples, 4 held out for evaluation)" in card
+    assert "; 16 training samples, 4 held out for evaluation" in card
     assert full_run["hub"].uploads == 2 and len(full_run["hub"].commits) == 1  # the first attempt failed, retried
 
     # Fresh process, away from the repo, simmim_hf not importable.
