@@ -187,7 +187,8 @@ def set_aside_later_results(accelerator, output_dir: Path, state) -> None:
         for name, result in expected.items():
             folder = output_dir / name
             saved = folder / "eval_results.json"
-            if not folder.is_dir() or (saved.is_file() and json.loads(saved.read_text()) == result):
+            if not folder.is_dir() or (saved.is_file() and result is not None and _same_evaluation(
+                    json.loads(saved.read_text()), result)):
                 continue
             target, number = output_dir / f"superseded-{name}", 2
             while target.exists():
@@ -196,6 +197,11 @@ def set_aside_later_results(accelerator, output_dir: Path, state) -> None:
             logger.warning(f"{folder} is not the result of the checkpoint resumed from (it came after it); kept as "
                            f"{target.name}, and {name}/ now follows this run.")
     accelerator.wait_for_everyone()
+
+
+def _same_evaluation(a: dict, b: dict) -> bool:
+    # By epoch and accuracy: other fields may hold a NaN loss, which never equals itself (or came back as null).
+    return (a.get("epoch"), a.get("accuracy")) == (b.get("epoch"), b.get("accuracy"))
 
 
 def run(argv=None, callbacks=()) -> tuple[dict, torch.nn.Module]:

@@ -340,3 +340,22 @@ def test_resuming_an_older_checkpoint_sets_aside_the_later_best_and_last(run_fin
     final = json.loads((out / "all_results.json").read_text())
     assert json.loads((out / "best" / "eval_results.json").read_text()) == final["best"]
     assert json.loads((out / "last" / "eval_results.json").read_text()) == final["last"]
+
+
+def test_a_resume_keeps_its_own_best_even_with_a_nan_eval_loss(tmp_path):
+    """The checkpoint's best result and best/eval_results.json are the same evaluation when their epoch and
+    accuracy agree: a NaN loss (a diverged evaluation) never equals itself and must not move best/ aside."""
+    from types import SimpleNamespace
+
+    from simmim_hf.engine import TrainState
+    from simmim_hf.run_finetune import set_aside_later_results
+
+    result = {"epoch": 1, "accuracy": 0.5, "loss": float("nan")}
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "eval_results.json").write_text(json.dumps(result))
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    set_aside_later_results(accelerator, tmp_path, TrainState(extra={"best": {**result, "loss": None},
+                                                                     "history": [result]}))
+    assert (tmp_path / "best").is_dir() and not (tmp_path / "superseded-best").exists()
+    set_aside_later_results(accelerator, tmp_path, TrainState(extra={"best": {**result, "epoch": 0}, "history": []}))
+    assert (tmp_path / "superseded-best").is_dir() and not (tmp_path / "best").exists()
