@@ -151,10 +151,20 @@ def prepare_output_dir(accelerator, args) -> tuple[CheckpointManager, Path | Non
     # A checkpoint of another folder continues that run here: only into a new or empty folder, whose own files
     # (another run's models, checkpoints that rotation would delete) it would otherwise overwrite.
     foreign_resume = resume_path is not None and checkpoints.root.resolve() not in resume_path.resolve().parents
-    if foreign_resume and output_dir.is_dir() and any(output_dir.iterdir()):
-        raise ValueError(f"--resume_from_checkpoint {resume_path} is not one of --output_dir {output_dir}'s "
-                         "checkpoints, and that folder is not empty: continuing there would overwrite what it holds. "
-                         "Resume into a new or empty --output_dir.")
+    if foreign_resume and output_dir.is_dir():
+        own = checkpoints.list_checkpoints()
+        if own:  # e.g. the same command again after a preemption: the run's progress is in its own checkpoints
+            raise ValueError(f"--output_dir {output_dir} holds checkpoints of its own (latest: {own[-1].name}), "
+                             f"which resuming from {resume_path} again would supersede. Pass "
+                             "--resume_from_checkpoint latest to continue this run, or resume into a new or empty "
+                             "--output_dir.")
+        # What an attempt that stopped before its first checkpoint leaves (its arguments, its tracker logs).
+        foreign_files = [p.name for p in output_dir.iterdir() if p.name not in ("training_args.json", "logs",
+                                                                                "checkpoints")]
+        if foreign_files:
+            raise ValueError(f"--resume_from_checkpoint {resume_path} is not one of --output_dir {output_dir}'s "
+                             f"checkpoints, and that folder holds other files ({', '.join(sorted(foreign_files)[:5])}): "
+                             "continuing there would overwrite them. Resume into a new or empty --output_dir.")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()

@@ -360,15 +360,18 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, **hub_kwar
     hf_model = export_model(model)
     try:
         processor = SimMIMImageProcessor.from_pretrained(str(checkpoint), **hub_kwargs)
-    except OSError:  # a folder saved without its processor: the one its config implies
-        processor = SimMIMImageProcessor.from_config(model.config)
-    hf_processor = export_image_processor(processor)
+    except OSError:  # a folder saved without its processor: the one its config implies (none for non-RGB)
+        try:
+            processor = SimMIMImageProcessor.from_config(model.config)
+        except ValueError:
+            processor = None
+    hf_processor = export_image_processor(processor) if processor is not None else None
     hf_model.save_pretrained(output_dir)
     if hf_processor is not None:
         hf_processor.save_pretrained(output_dir)
     else:
-        logger.warning("No transformers image processor does this model's evaluation transform (size %s, %d "
-                       "channels): %s has none.", dict(processor.size), len(processor.image_mean), output_dir)
+        logger.warning("No transformers image processor does this model's evaluation transform (%d channels, "
+                       "image size %s): %s has none.", model.config.num_channels, model.config.image_size, output_dir)
     return model, hf_model, hf_processor
 
 

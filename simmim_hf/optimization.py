@@ -252,6 +252,10 @@ class LayerDecayLRScheduler(LRScheduler):
             progress = min(1.0, step / self.num_training_steps)
         return self.min_lr + 0.5 * (peak - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # A state saved before `warmup_prefix` existed ran without it.
+        super().load_state_dict({"warmup_prefix": False, **state_dict})
+
     def get_lr(self) -> list[float]:
         return [self.lr_at(self.last_epoch, group.get("lr_scale", 1.0)) for group in self.optimizer.param_groups]
 

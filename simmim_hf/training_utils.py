@@ -49,6 +49,8 @@ _TMP_PREFIX = ".tmp-"
 _REPLACED_PREFIX = ".replaced-"
 _PREVIOUS_PREFIX = ".previous-run-"  # a run started over holds the previous run's checkpoints under this prefix
 _RUN_RECORDS = ("logs", "reconstructions")  # a run's tracker logs and pictures in its output_dir
+# Resume settings added after checkpoints already existed, with the value those older checkpoints ran with.
+_SETTING_DEFAULTS = {"warmup_prefix": False}
 SUPERSEDED_PREFIX = "superseded-"  # checkpoints beyond the one a run resumed from, once that run saves
 
 
@@ -206,9 +208,10 @@ class CheckpointManager:
                 folder = self.root.parent / name
                 if folder.is_dir():
                     target = self.root.parent / f"{_PREVIOUS_PREFIX}{name}"
-                    if target.exists():
-                        shutil.rmtree(target)
-                    os.replace(folder, target)
+                    if target.exists():  # held by an earlier start-over that never saved: the records of a run
+                        shutil.rmtree(folder)  # with checkpoints are those, not that attempt's
+                    else:
+                        os.replace(folder, target)
                     self._start_over = True
 
     def _hold_previous_run(self) -> list[tuple[Path, Path]]:
@@ -369,6 +372,8 @@ class CheckpointManager:
     def check_settings(self, path: str | os.PathLike) -> None:
         """Raise a ValueError naming every setting that differs from the one `path` was saved with."""
         stored = read_checkpoint_state(path).get("settings") or {}
+        if stored:  # what a setting added later was in checkpoints saved before it existed
+            stored = {**{k: v for k, v in _SETTING_DEFAULTS.items() if k in self.settings}, **stored}
         current = json.loads(json.dumps(self.settings))  # as stored: tuples are lists, keys strings
         changed = []
         for key in sorted(set(stored) & set(current)):

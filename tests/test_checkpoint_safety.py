@@ -117,6 +117,12 @@ def test_a_start_over_whose_first_save_fails_keeps_the_previous_run(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2", "latest"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "logs"]
     assert [p.name for p in (tmp_path / "logs").iterdir()] == ["new"]
+    # Two start-overs that never save: the records held are still those of the run that has checkpoints.
+    for attempt in ("first", "second"):
+        CheckpointManager(FakeAccelerator(), tmp_path).start_over()
+        (tmp_path / "logs").mkdir()
+        (tmp_path / "logs" / attempt).write_text("aborted")
+    assert [p.name for p in (tmp_path / ".previous-run-logs").iterdir()] == ["new"]
 
 
 def test_checkpoint_files_are_durable_before_the_marker_calls_it_complete(tmp_path, monkeypatch):
@@ -200,9 +206,19 @@ def test_resuming_another_folders_checkpoint_never_takes_over_a_non_empty_folder
     assert pretrain(["--output_dir", a, *TINY]) == 0
     assert pretrain(["--output_dir", b, *TINY, "--seed", "3"]) == 0
     before = {p.relative_to(b): p.read_bytes() for p in b.rglob("*") if p.is_file()}
-    with pytest.raises(ValueError, match="not one of --output_dir .* checkpoints, and that folder is not empty"):
+    with pytest.raises(ValueError, match=r"holds checkpoints of its own \(latest: checkpoint-4\).*"
+                                         "--resume_from_checkpoint latest"):
         pretrain(["--output_dir", b, *TINY, "--resume_from_checkpoint", a / "checkpoints" / "checkpoint-2"])
     assert {p.relative_to(b): p.read_bytes() for p in b.rglob("*") if p.is_file()} == before
+    notes = tmp_path / "notes"  # another folder's files, no checkpoints
+    notes.mkdir()
+    (notes / "README.md").write_text("mine")
+    with pytest.raises(ValueError, match=r"not one of --output_dir .* checkpoints, and that folder holds other "
+                                         r"files \(README.md\)"):
+        pretrain(["--output_dir", notes, *TINY, "--resume_from_checkpoint", a / "checkpoints" / "checkpoint-2"])
+    # A folder with only what an attempt that stopped before its first checkpoint leaves is this run's own.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "training_args.json").write_text("{}")
     recorder = Recorder()
     assert pretrain(["--output_dir", tmp_path / "c", *TINY, "--resume_from_checkpoint",
                      a / "checkpoints" / "checkpoint-2"], callbacks=[recorder]) == 0
@@ -256,6 +272,20 @@ def test_resume_refuses_another_objective_architecture_or_data(tmp_path):
     with pytest.raises(ValueError, match="validation_split_percentage: 20.0 in the checkpoint, 30.0 now"):
         pretrain(["--output_dir", out, *TINY, "--validation_split_percentage", "30", *resume])
     assert pretrain(["--output_dir", out, *TINY, *resume]) == 0  # the same settings resume
+
+
+def test_a_setting_added_later_is_compared_with_what_older_checkpoints_ran_with(tmp_path):
+    """Checkpoints saved before `warmup_prefix` existed ran without it: resuming one under the SwinV2 default
+    (on) is refused by name instead of silently bending the lr curve mid-run."""
+    old = CheckpointManager(FakeAccelerator(), tmp_path, settings={"per_device_train_batch_size": 4})
+    path = save(old, 3, "x")
+    newer = CheckpointManager(FakeAccelerator(), tmp_path, settings={"per_device_train_batch_size": 4,
+                                                                     "warmup_prefix": True})
+    with pytest.raises(ValueError, match="warmup_prefix: False in the checkpoint, True now"):
+        newer.load(path)
+    same = CheckpointManager(FakeAccelerator(), tmp_path, settings={"per_device_train_batch_size": 4,
+                                                                    "warmup_prefix": False})
+    assert same.load(path)["step"] == 3
 
 
 def test_resume_with_another_batch_size_is_refused(tmp_path):

@@ -187,6 +187,11 @@ def test_the_exported_folder_has_a_transformers_processor_doing_our_evaluation_t
     with pytest.raises(ValueError, match="exists and is not empty"):
         main(["--checkpoint", str(tmp_path / "ours"), "--output", str(tmp_path / "exported")])
     main(["--checkpoint", str(tmp_path / "ours"), "--output", str(tmp_path / "exported"), "--overwrite"])
+    # A one-channel model saved without a processor exports without one (no RGB processor fits it).
+    make("vit", num_channels=1).save_pretrained(tmp_path / "grey")
+    main(["--checkpoint", str(tmp_path / "grey"), "--output", str(tmp_path / "grey-exported")])
+    assert (tmp_path / "grey-exported" / "config.json").is_file()
+    assert not (tmp_path / "grey-exported" / "preprocessor_config.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------- refusals

@@ -191,6 +191,11 @@ def test_swinv2_starts_its_cosine_after_the_warmup_as_the_official_swinv2_code(t
     assert prefixes == {"swinv2-nano-w4-32": True, "swin-nano-w4-32": False, "vit-nano-p4-32": False}
     args.lr_warmup_prefix = False  # the flag decides where given
     assert not create_optimizer_and_scheduler(model, args, plan)[1].warmup_prefix
+    # A scheduler state saved before the option existed ran without it.
+    state = scheduler.state_dict()
+    del state["warmup_prefix"]
+    scheduler.load_state_dict(state)
+    assert scheduler.warmup_prefix is False
 
 
 def test_errors_name_the_argument(vit):
