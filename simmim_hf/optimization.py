@@ -241,15 +241,11 @@ class LayerDecayLRScheduler(LRScheduler):
             return peak
         if self.schedule == "multistep":
             return peak * self.gamma ** bisect_right(self.milestones, step)
+        # The share of the steps after the warmup that is done: the linear schedule's, and the prefixed cosine's.
+        after_warmup = min(1.0, (step - self.num_warmup_steps) / max(1, self.num_training_steps - self.num_warmup_steps))
         if self.schedule == "linear":
-            span = max(1, self.num_training_steps - self.num_warmup_steps)
-            progress = min(1.0, (step - self.num_warmup_steps) / span)
-            return peak + (self.min_lr - peak) * progress
-        if self.warmup_prefix:
-            span = max(1, self.num_training_steps - self.num_warmup_steps)
-            progress = min(1.0, (step - self.num_warmup_steps) / span)
-        else:
-            progress = min(1.0, step / self.num_training_steps)
+            return peak + (self.min_lr - peak) * after_warmup
+        progress = after_warmup if self.warmup_prefix else min(1.0, step / self.num_training_steps)
         return self.min_lr + 0.5 * (peak - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
     def load_state_dict(self, state_dict: dict) -> None:
