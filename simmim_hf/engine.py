@@ -30,7 +30,7 @@ import torch
 
 from .distributed import check_cpu_strategy, use_fsdp_on_cpu, wrap_present_layers_only
 from .optimization import LearningRatePlan
-from .training_utils import CheckpointManager, NonFiniteGuard, PreemptionHandler
+from .training_utils import CheckpointManager, NonFiniteGuard, PreemptionHandler, training_setup
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,26 @@ def start_run(args):
     checkpoints, resume_path = prepare_output_dir(accelerator, args)
     set_seed(args.seed)
     return accelerator, pusher, checkpoints, resume_path
+
+
+def resume_settings(args, accelerator, plan, warmup_prefix: bool, config, processor) -> dict[str, Any]:
+    """The `CheckpointManager.settings` both jobs store with every checkpoint, to refuse a resume under others: what
+    the saved position and lr schedule mean, what the restored optimizer and scheduler state hold, which images
+    are trained on and evaluated, and what the model and its transform are. Each job adds its own."""
+    return {
+        "per_device_train_batch_size": args.per_device_train_batch_size, "num_processes": accelerator.num_processes,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
+        "max_train_steps": plan.max_train_steps, "peak_lr": plan.peak_lr, "warmup_steps": plan.warmup_steps,
+        "lr_scheduler_type": args.lr_scheduler_type, "warmup_prefix": warmup_prefix,
+        # Restored from the checkpoint with the scheduler and optimizer state, whatever the flags now say.
+        "milestones": list(plan.milestones), "warmup_lr": plan.warmup_lr, "min_lr": plan.min_lr,
+        "lr_gamma": args.lr_gamma, "weight_decay": args.weight_decay,
+        "adam": [args.adam_beta1, args.adam_beta2, args.adam_epsilon],
+        # Which images are trained on and which are held out (another split would evaluate on trained images).
+        "validation_split": args.validation_split, "validation_split_percentage": args.validation_split_percentage,
+        "max_train_samples": args.max_train_samples,
+        **training_setup(config, processor),
+    }
 
 
 def check_trackers(trackers) -> None:

@@ -44,7 +44,7 @@ from .arguments import FinetuningArguments, apply_config_overrides, parse_args, 
 from .augmentation import FinetuneAugmentation, mix_batch
 from .cards import write_finetuning_card
 from .data import EpochShuffleSampler, ImageRows, SimMIMCollator, create_dataloader, load_classification_data
-from .engine import LoopCallback, TrainingLoop, default_num_workers, save_model, start_run
+from .engine import LoopCallback, TrainingLoop, default_num_workers, resume_settings, save_model, start_run
 from .evaluation import LinearProbe, evaluate_classifier
 from .image_processing_simmim import SimMIMImageProcessor
 from .optimization import LearningRatePlan, create_optimizer_and_scheduler
@@ -54,7 +54,6 @@ from .training_utils import (
     publish_folder,
     staging_folder,
     to_json,
-    training_setup,
 )
 from .transfer import load_pretrained_for_transfer
 
@@ -245,20 +244,11 @@ def run(argv=None, callbacks=()) -> tuple[dict, torch.nn.Module]:
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     augment = augment.to(accelerator.device)
     checkpoints.settings = {
-        "per_device_train_batch_size": args.per_device_train_batch_size, "num_processes": accelerator.num_processes,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps, "max_train_steps": plan.max_train_steps,
-        "train_samples": len(train_rows), "peak_lr": plan.peak_lr, "warmup_steps": plan.warmup_steps,
-        "seed": args.seed, "lr_scheduler_type": args.lr_scheduler_type,
-        "warmup_prefix": warmup_prefix, "linear_probe": args.linear_probe,
-        # Restored from the checkpoint with the scheduler and optimizer state, whatever the flags now say.
-        "milestones": list(plan.milestones), "warmup_lr": plan.warmup_lr, "min_lr": plan.min_lr,
-        "lr_gamma": args.lr_gamma, "weight_decay": args.weight_decay, "layer_decay": layer_decay,
-        "adam": [args.adam_beta1, args.adam_beta2, args.adam_epsilon],
-        # Which images are trained on and which are held out (another split would evaluate on trained images).
+        **resume_settings(args, accelerator, plan, warmup_prefix, config, processor),
+        "train_samples": len(train_rows), "linear_probe": args.linear_probe, "layer_decay": layer_decay,
+        # The rest of the split (which labelled images are drawn) and of the objective: augmentation and the mixed,
+        # smoothed targets.
         "data_seed": args.data_seed, "train_label_fraction": args.train_label_fraction,
-        "validation_split": args.validation_split, "validation_split_percentage": args.validation_split_percentage,
-        "max_train_samples": args.max_train_samples, **training_setup(config, processor),
-        # The rest of the objective: augmentation and the mixed, smoothed targets.
         "augmentation": augment_description,
         "targets": {"mixup": args.mixup, "cutmix": args.cutmix, "switch_prob": args.mixup_switch_prob,
                     "label_smoothing": args.label_smoothing}}

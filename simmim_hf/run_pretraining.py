@@ -43,11 +43,11 @@ from .data import (
     create_dataloader,
     load_pretraining_data,
 )
-from .engine import LoopCallback, TrainingLoop, default_num_workers, save_model, start_run
+from .engine import LoopCallback, TrainingLoop, default_num_workers, resume_settings, save_model, start_run
 from .image_processing_simmim import SimMIMImageProcessor
 from .masking import expected_average_masked_distance
 from .optimization import LearningRatePlan, create_optimizer_and_scheduler
-from .training_utils import atomic_write_text, enable_gradient_checkpointing, to_json, training_setup
+from .training_utils import atomic_write_text, enable_gradient_checkpointing, to_json
 from .visualization import save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
@@ -243,22 +243,11 @@ def main(argv=None, callbacks=()) -> int:
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     # What the saved position and schedule mean: resuming under other values is refused, naming the setting.
     checkpoints.settings = {
-        "per_device_train_batch_size": args.per_device_train_batch_size, "num_processes": accelerator.num_processes,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
-        "max_train_steps": plan.max_train_steps, "train_samples": None if args.streaming else len(train_rows),
-        "streaming": args.streaming, "peak_lr": plan.peak_lr, "warmup_steps": plan.warmup_steps,
-        "lr_scheduler_type": args.lr_scheduler_type,
-        "warmup_prefix": warmup_prefix, "milestones": list(plan.milestones),
-        # Restored from the checkpoint with the scheduler and optimizer state, whatever the flags now say.
-        "warmup_lr": plan.warmup_lr, "min_lr": plan.min_lr, "lr_gamma": args.lr_gamma,
-        "weight_decay": args.weight_decay, "adam": [args.adam_beta1, args.adam_beta2, args.adam_epsilon],
-        # Which DataLoader worker reads which shards decides a stream's batches.
+        **resume_settings(args, accelerator, plan, warmup_prefix, config, processor),
+        "train_samples": None if args.streaming else len(train_rows), "streaming": args.streaming,
+        # Which DataLoader worker reads which shards, and the shuffle buffer, decide a stream's batches.
         "dataloader_num_workers": num_workers if args.streaming else None,
-        # Which images are trained on and evaluated; for a stream, which come in which order.
-        "validation_split": args.validation_split, "validation_split_percentage": args.validation_split_percentage,
-        "max_train_samples": args.max_train_samples,
-        "shuffle_buffer_size": args.shuffle_buffer_size if args.streaming else None,
-        **training_setup(config, processor)}
+        "shuffle_buffer_size": args.shuffle_buffer_size if args.streaming else None}
 
     if accelerator.is_main_process:
         accelerator.init_trackers(args.run_name or "simmim_pretraining", config={
