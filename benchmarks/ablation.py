@@ -63,7 +63,7 @@ from finetune_quality import (
     finetune_arguments,
     frozen_feature_scores,
     labelled_crops,
-    load_regions,
+    load_photos,
     random_crops,
     write_image_folder,
 )
@@ -71,6 +71,9 @@ from simmim_hf import SimMIMConfig, SimMIMModel
 from simmim_hf.masking import expected_average_masked_distance
 
 ROOT = Path(__file__).resolve().parents[1]
+# Two column bands per photo (this study selects nothing, so it has no validation band): the left 75 % trains,
+# the right 25 % tests.
+REGIONS = {"train": (0.0, 0.75), "test": (0.75, 1.0)}
 
 # name -> (group, option, config overrides). The baseline is the paper's setting of every component.
 ARMS = {
@@ -155,13 +158,12 @@ def finetune(model_dir: Path, train_dir: Path, test_dir: Path, out: Path, seed: 
 
 
 # ============================================================================================== the study
-def write_pretraining_crops(regions, folder: Path, per_photo: int, seed: int) -> None:
+def write_pretraining_crops(photos, folder: Path, per_photo: int, seed: int) -> None:
     """Unlabelled crops of the train regions (never the test regions), finetune_quality's crop recipe."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    for index, (train, test) in enumerate(regions):
-        shorter = min(train.shape[0], train.shape[1] + test.shape[1])
-        for n, crop in enumerate(random_crops(train, shorter, per_photo, PRETRAIN_CROP_SIZE, rng)):
+    for index, photo in enumerate(photos):
+        for n, crop in enumerate(random_crops(photo["train"], photo["shorter"], per_photo, PRETRAIN_CROP_SIZE, rng)):
             crop.save(folder / f"{index:02d}_{n:04d}.png")
 
 
@@ -213,13 +215,13 @@ def main(argv=None) -> int:
     command = "python benchmarks/ablation.py " + " ".join(public_argv(argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
 
-    regions = load_regions()
+    photos = load_photos(REGIONS)
     size = SimMIMConfig.from_preset(PRESET).image_size
-    write_pretraining_crops(regions, work / "data" / "pretrain", args.pretrain_crops_per_photo, seed=args.pretrain_seed)
-    test = labelled_crops(regions, 1, args.test_per_class, size, seed=10_000)
+    write_pretraining_crops(photos, work / "data" / "pretrain", args.pretrain_crops_per_photo, seed=args.pretrain_seed)
+    test = labelled_crops(photos, "test", args.test_per_class, size, seed=10_000)
     write_image_folder(work / "data" / "test", *test)
     # One labelled subset per seed; the probe uses the first seed's (the probe is deterministic given the data).
-    train_sets = {seed: labelled_crops(regions, 0, args.labels_per_class, size, seed=seed) for seed in args.seeds}
+    train_sets = {seed: labelled_crops(photos, "train", args.labels_per_class, size, seed=seed) for seed in args.seeds}
     for seed, train in train_sets.items():
         write_image_folder(work / "data" / f"train-seed{seed}", *train)
 
