@@ -118,8 +118,10 @@ class SimMIMImageProcessor(PilBackend):
     Constructs a SimMIM image processor (PIL/numpy backend, CPU).
 
     Accepts a PIL image (any mode: RGB, L, LA, P, RGBA, CMYK, I;16, I, F, ...), a numpy array or torch
-    tensor (`(H, W)`, `(H, W, C)` or `(C, H, W)` with C in {1, 3, 4}; uint8, uint16, or float in [0, 1],
-    any float dtype, bfloat16 and float16 included), or a list of them, of any sizes. The channel axis of a
+    tensor (`(H, W)`, `(H, W, C)` or `(C, H, W)` with C in {1, 3, 4}; uint8, uint16, other integer types by
+    their values (0..255 as 8-bit, up to 65535 as 16-bit), or float in [0, 1], any float dtype, bfloat16 and
+    float16 included; unlike transformers' processors, float data in 0..255 is refused rather than guessed), or a
+    list of them, of any sizes. The channel axis of a
     3-d array is the first or last axis of size 1, 3 or 4; when both qualify, size 3 (RGB) wins over 1
     (grey) over 4 (RGBA), and equal sizes follow the container's convention: numpy arrays are channels-last
     (PIL, OpenCV), torch tensors channels-first (torchvision). So `(4, 4, 3)` is a 4x4 RGB image and
@@ -422,16 +424,18 @@ class SimMIMImageProcessor(PilBackend):
     @staticmethod
     def _rescale_and_normalize(pixel_values, is_8bit, do_rescale, rescale_factor, do_normalize, image_mean,
                                image_std) -> torch.Tensor:
-        """In place: x * (rescale / std) - mean / std, rescaling and normalisation fused into two passes. Float
-        inputs are already in [0, 1] and never rescaled; 8-bit data is rescaled unless do_rescale=False, which
-        (as in transformers, whose warning suggests it for inputs already in [0, 1]) leaves values as they are."""
+        """In place: x * (rescale / std) - mean / std, rescaling and normalisation fused into two passes. 8-bit
+        data is rescaled unless do_rescale=False, which (as in transformers, whose warning suggests it for inputs
+        already in [0, 1]) leaves values as they are. Float images (from deeper data) hold the 8-bit value / 255,
+        so with do_rescale they are scaled by 255 * rescale_factor: the same picture gives the same pixel values
+        at any bit depth, also with a factor other than 1/255 (e.g. 1/127.5 with mean = std = 1 for [-1, 1])."""
         mean = tuple(image_mean) if do_normalize else (0.0, 0.0, 0.0)
         std = tuple(image_std) if do_normalize else (1.0, 1.0, 1.0)
         device = pixel_values.device
         factor, offset = _uint8_normalization(device, float(rescale_factor) if do_rescale else 1.0, mean, std)
-        if not bool(is_8bit.all()):  # float images (from deeper data) are in [0, 1] already: no rescale
-            unscaled, _ = _uint8_normalization(device, 1.0, mean, std)
-            factor = torch.where(is_8bit.to(device).view(-1, 1, 1, 1), factor, unscaled)
+        if not bool(is_8bit.all()):
+            deep, _ = _uint8_normalization(device, 255.0 * float(rescale_factor) if do_rescale else 1.0, mean, std)
+            factor = torch.where(is_8bit.to(device).view(-1, 1, 1, 1), factor, deep)
         pixel_values.mul_(factor)
         if do_normalize:
             pixel_values.sub_(offset)
@@ -513,6 +517,14 @@ def _array_to_working(array: np.ndarray, input_data_format=None, channels_first_
     if channels not in (1, 3, 4) or height == 0 or width == 0:
         raise ValueError(f"`images` arrays must be non-empty with 1, 3 or 4 channels; got shape {tuple(array.shape)}.")
 
+    if hwc.dtype.kind in "iu" and hwc.dtype not in (np.uint8, np.uint16):
+        # Other integer types (e.g. the int64 of np.random.randint / torch.randint), read by their values as
+        # transformers' processors read them: 8-bit when they fit 0..255, 16-bit when they fit 0..65535.
+        low, high = (int(hwc.min()), int(hwc.max())) if hwc.size else (0, 0)
+        if low < 0 or high > 65535:
+            raise ValueError(f"`images` integer arrays must hold values in 0..255 (8-bit) or 0..65535 (16-bit); got "
+                             f"dtype={hwc.dtype} with values in [{low}, {high}].")
+        hwc = hwc.astype(np.uint8 if high <= 255 else np.uint16)
     if hwc.dtype == np.uint8:
         if channels != 3:
             hwc = convert_to_rgb(hwc, return_numpy=True, input_data_format=ChannelDimension.LAST)

@@ -460,7 +460,8 @@ def test_invalid_settings_raise_at_construction_and_call(kwargs, match):
     (np.zeros((2, 3, 4, 5, 6), np.uint8), r"`images`.*shape \(2, 3, 4, 5, 6\)"),
     (np.zeros((7, 8, 5), np.uint8), r"`images`.*1, 3 or 4 channels.*\(7, 8, 5\)"),
     (np.zeros((0, 8, 3), np.uint8), r"`images`.*non-empty.*\(0, 8, 3\)"),
-    (np.zeros((8, 8, 3), np.int32), r"`images`.*dtype=int32"),
+    (np.full((8, 8, 3), -1, np.int32), r"`images` integer arrays.*0\.\.255.*dtype=int32.*\[-1, -1\]"),
+    (np.full((8, 8, 3), 70000, np.int64), r"`images` integer arrays.*dtype=int64.*\[70000, 70000\]"),
     (np.zeros((8, 8, 3), bool), r"`images`.*dtype=bool"),
     (np.full((8, 8, 3), np.nan, np.float32), r"`images`.*NaN or infinite"),
     (torch.full((3, 8, 8), float("inf")), r"`images`.*NaN or infinite"),
@@ -606,3 +607,38 @@ def test_a_training_crop_never_reads_pixels_outside_it(kind):
     out = processor([image], do_train=True, return_tensors="pt", seed=[seed],
                     **({"resample": resample} if resample is not None else {}))["pixel_values"]
     assert out.min() >= 1.0 - 1e-6, out.min()
+
+
+def test_other_integer_types_read_as_8_or_16_bit_by_their_values():
+    """np.random.randint / torch.randint give int64; transformers' processors take them, and so does this one:
+    the same values as uint8 (or uint16) give the same pixels."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (20, 24, 3))  # int64
+    processor = tiny_processor(do_train=False)
+    expected = processor(pixels.astype(np.uint8), return_tensors="pt")["pixel_values"]
+    assert torch.equal(processor(pixels, return_tensors="pt")["pixel_values"], expected)
+    assert torch.equal(processor(torch.from_numpy(pixels).permute(2, 0, 1), return_tensors="pt")["pixel_values"],
+                       expected)
+    deep = rng.integers(0, 65536, (20, 24, 3))
+    assert torch.equal(processor(deep.astype(np.int32), return_tensors="pt")["pixel_values"],
+                       processor(deep.astype(np.uint16), return_tensors="pt")["pixel_values"])
+
+
+def test_a_custom_rescale_factor_applies_at_every_bit_depth():
+    """rescale_factor = 1 / 127.5 with mean = std = 1 maps pixels to [-1, 1]: for 8-bit, 16-bit and float input of
+    the same picture alike, and on the uint8 path finished on the accelerator (it used to leave deeper images in
+    [-1, 0])."""
+    ramp = np.linspace(0, 255, 32)
+    pixels = np.stack([ramp[:, None] + 0 * ramp, 0 * ramp[:, None] + ramp, 255 - ramp[:, None] + 0 * ramp],
+                      axis=-1).round().astype(np.uint8)  # smooth: uint8 and float resampling agree closely
+    processor = tiny_processor(rescale_factor=1 / 127.5, image_mean=[1.0] * 3, image_std=[1.0] * 3, do_train=False)
+    eight = processor(pixels, return_tensors="pt")["pixel_values"]
+    sixteen = processor(pixels.astype(np.uint16) * 257, return_tensors="pt")["pixel_values"]
+    floating = processor(pixels.astype(np.float32) / 255, return_tensors="pt")["pixel_values"]
+    assert eight.min() < -0.8 and eight.max() > 0.8  # the ramp spans [-1, 1] before the center crop
+    torch.testing.assert_close(sixteen, eight, atol=2e-2, rtol=0)  # resampled in float vs uint8
+    torch.testing.assert_close(floating, eight, atol=2e-2, rtol=0)
+    uint8_batch = processor(pixels, return_tensors="pt", return_uint8=True)["pixel_values"]
+    torch.testing.assert_close(processor.normalize_uint8(uint8_batch), eight, atol=1e-6, rtol=0)
+    unscaled = processor(pixels.astype(np.float32) / 255, return_tensors="pt", do_rescale=False)["pixel_values"]
+    assert unscaled.min() >= -1.0 - 1e-6 and unscaled.max() <= 0.0 + 1e-6  # [0, 1] - 1: left as given
