@@ -134,7 +134,7 @@ class SimMIMCollator(_SeededProcessing):
         seed (`int`, *optional*): base seed of the per-sample seeds `sample_seed(seed, epoch, row[index_column])`.
         image_column, index_column (`str`): row keys of the image cell and of the stable dataset index.
         keep_columns (`Sequence[str]`): other row keys to stack into tensors (`"label"` becomes `labels`).
-        count_unreadable (`bool`): add `num_unreadable` to the batch (turn off for `transformers.Trainer`).
+        count_unreadable (`bool`): add `unreadable` to the batch (turn off for `transformers.Trainer`).
         reduced_decoding (`bool`): decode JPEGs much larger than the crops need at a reduced size
             (`smallest_decode_size`); the result differs from a full decode by the resampling only.
         **processor_kwargs: per-call processor arguments, e.g. `do_train=True, return_mask=False`.
@@ -143,7 +143,8 @@ class SimMIMCollator(_SeededProcessing):
     seeds stay right in persistent DataLoader workers, which hold a copy of the collator made at their start.
 
     Returns a dict with `pixel_values`, `bool_masked_pos` (when masks are produced), the kept columns and
-    `num_unreadable` (a 0-d tensor: how many rows of this batch were replaced).
+    `unreadable` (a bool `(B,)` tensor: which rows of this batch were replaced; per sample, so that an
+    evaluation gathered across processes can drop the rows repeated to even out the last batch).
     """
 
     def __init__(self, processor: SimMIMImageProcessor, seed: int | None = None, image_column: str = "image",
@@ -178,7 +179,7 @@ class SimMIMCollator(_SeededProcessing):
         for column in self.keep_columns:
             out["labels" if column == "label" else column] = torch.as_tensor([rows[i][column] for i in chosen])
         if self.count_unreadable:
-            out["num_unreadable"] = torch.tensor(sum(image is None for image in images))
+            out["unreadable"] = torch.tensor([image is None for image in images])
         return out
 
     def _process(self, images: list, seeds: list | None) -> tuple[dict, list[int]]:

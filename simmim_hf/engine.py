@@ -366,8 +366,8 @@ class TrainingLoop:
                     NonFiniteGuard.detach(self.optimizer)
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        if "num_unreadable" in batch:
-            self._unreadable += batch["num_unreadable"].to(self._unreadable.device)
+        if "unreadable" in batch:
+            self._unreadable += batch["unreadable"].sum().to(self._unreadable.device)
         self._images += batch["pixel_values"].shape[0] * accelerator.num_processes
 
     def _window_scale(self, state: TrainState) -> float:

@@ -120,9 +120,19 @@ class LinearProbe(nn.Module):
         self.encoder.eval()  # frozen: always the deterministic inference path
         return self
 
-    def save_head(self, folder, base_model: str | None, id2label: dict | None = None) -> None:
-        """Write only the trained head (`linear_probe_head.safetensors`) and what it needs
-        (`linear_probe_config.json`: the encoder it sits on, the layer, the normalisation, the class names)."""
+    def full_head_state_dict(self) -> dict[str, torch.Tensor]:
+        """The head's weights, whole, on the CPU. FSDP shards them (DTensors): gathering them is a collective, so
+        every process calls this, also those that will not write."""
+        from torch.distributed.tensor import DTensor
+
+        return {key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
+                for key, value in self.head.state_dict().items()}
+
+    def save_head(self, folder, base_model: str | None, id2label: dict | None = None,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write only the trained head (`linear_probe_head.safetensors`; `state_dict` from `full_head_state_dict`
+        when sharded) and what it needs (`linear_probe_config.json`: the encoder it sits on, the layer, the
+        normalisation, the class names)."""
         import json
         from pathlib import Path
 
@@ -130,8 +140,8 @@ class LinearProbe(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous().cpu() for k, v in self.head.state_dict().items()},
-                  str(folder / "linear_probe_head.safetensors"))
+        state_dict = self.full_head_state_dict() if state_dict is None else state_dict
+        save_file({k: v.contiguous().cpu() for k, v in state_dict.items()}, str(folder / "linear_probe_head.safetensors"))
         (folder / "linear_probe_config.json").write_text(json.dumps(
             {"base_model": base_model, "probe_layer": self.layer, "normalize": "layernorm_without_affine",
              "num_labels": self.head.out_features,
@@ -145,6 +155,15 @@ class LinearProbe(nn.Module):
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
+def _check_finite(**features: torch.Tensor) -> None:
+    """One NaN row ranks above every neighbour in `topk` and turns every vote (or the probe's loss) into NaN."""
+    for name, values in features.items():
+        bad = int((~torch.isfinite(values.float()).all(dim=1)).sum()) if values.numel() else 0
+        if bad:
+            raise ValueError(f"`{name}` has {bad} of {values.shape[0]} rows with NaN or infinite values; the encoder "
+                             "produced non-finite features (e.g. an overflow in half precision).")
+
+
 @torch.no_grad()
 def knn_predict(
     train_features: torch.Tensor,
@@ -156,12 +175,16 @@ def knn_predict(
     chunk_size: int = 1024,
 ) -> torch.Tensor:
     """Class scores (Q, num_classes) of weighted k-NN: the k most cosine-similar training examples vote
-    for their label with weight exp(similarity / temperature) (DINO's protocol)."""
+    for their label with weight exp(similarity / temperature) (DINO's protocol), scaled per query so that the
+    nearest neighbour's weight is 1 (the ranking is DINO's)."""
     if train_features.shape[0] != train_labels.shape[0]:
         raise ValueError(
             f"`train_features` ({train_features.shape[0]} rows) and `train_labels` ({train_labels.shape[0]}) "
             "must have the same length."
         )
+    if train_features.shape[0] == 0:
+        raise ValueError("`train_features` is empty; k-NN needs at least one training example.")
+    _check_finite(train_features=train_features, query_features=query_features)
     k = min(k, train_features.shape[0])
     train = F.normalize(train_features.float(), dim=1)
     train_labels = train_labels.long()
@@ -169,7 +192,9 @@ def knn_predict(
     for start in range(0, query_features.shape[0], chunk_size):
         query = F.normalize(query_features[start:start + chunk_size].float(), dim=1)
         similarity, index = (query @ train.T).topk(k, dim=1)
-        weights = (similarity / temperature).exp()
+        # Relative to the nearest neighbour (weight 1): the same vote, without exp overflowing to inf (and classes
+        # tying at inf) once similarity / temperature passes ~88, i.e. for temperatures below ~0.011.
+        weights = ((similarity - similarity[:, :1]) / temperature).exp()
         votes = torch.zeros(query.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
         votes.scatter_add_(1, train_labels[index], weights)
         scores.append(votes)
@@ -224,6 +249,12 @@ def linear_probe_evaluate(
             f"Features and labels must have the same length; got train {train_features.shape[0]} vs "
             f"{train_labels.shape[0]}, test {test_features.shape[0]} vs {test_labels.shape[0]}."
         )
+    if steps < 1:
+        raise ValueError(f"`steps` must be >= 1; got steps={steps}.")
+    if train_features.shape[0] == 0 or test_features.shape[0] == 0:
+        raise ValueError(f"Features must not be empty; got {train_features.shape[0]} train and "
+                         f"{test_features.shape[0]} test rows.")
+    _check_finite(train_features=train_features, test_features=test_features)
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     generator = torch.Generator().manual_seed(seed)
@@ -253,7 +284,8 @@ def linear_probe_evaluate(
 def evaluate_classifier(model: nn.Module, dataloader, accelerator, num_classes: int) -> dict:
     """Accuracy (and top-5 accuracy with >= 5 classes), mean cross-entropy and the number of unreadable images
     of a classifier over a prepared evaluation DataLoader, across all processes. `gather_for_metrics` drops the
-    samples the sampler repeated to even out the last batch, so nothing is counted twice."""
+    samples the sampler repeated to even out the last batch, so nothing is counted twice (the per-sample
+    `unreadable` flags go through it with the logits)."""
     from .metrics import load_metric
 
     metric = load_metric("top_k_accuracy", num_process=1)
@@ -263,17 +295,20 @@ def evaluate_classifier(model: nn.Module, dataloader, accelerator, num_classes: 
     count = torch.zeros((), device=accelerator.device)
     unreadable = torch.zeros((), device=accelerator.device, dtype=torch.long)
     for batch in dataloader:
-        unreadable += batch["num_unreadable"]
         logits = model(pixel_values=batch["pixel_values"]).logits
         losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-        logits, labels, losses = accelerator.gather_for_metrics((logits, batch["labels"], losses))
+        flags = batch.get("unreadable", torch.zeros_like(batch["labels"], dtype=torch.bool))
+        logits, labels, losses, flags = accelerator.gather_for_metrics((logits, batch["labels"], losses, flags))
         loss_sum += losses.sum()
         count += losses.numel()
+        unreadable += flags.sum()
         metric.add_batch(predictions=logits.float().cpu().numpy(), references=labels.cpu().numpy())
     model.train(was_training)
+    if count.item() == 0:
+        raise ValueError("The evaluation set is empty: the evaluation DataLoader gave no samples.")
     results = metric.compute(top_k=(1, 5) if num_classes >= 5 else (1,))
-    results["loss"] = (loss_sum / count.clamp(min=1)).item()
-    results["unreadable_images"] = int(accelerator.reduce(unreadable, "sum").item())
+    results["loss"] = (loss_sum / count).item()
+    results["unreadable_images"] = int(unreadable.item())
     return results
 
 

@@ -144,8 +144,9 @@ class EvaluateAndSave(LoopCallback):
         accelerator.wait_for_everyone()
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         if isinstance(unwrapped, LinearProbe):  # the encoder is the unchanged pretrained one: the head only
+            head = unwrapped.full_head_state_dict()  # every process: under FSDP this gathers the shards
             if accelerator.is_main_process:  # with the class names and the input transform it was trained on
-                unwrapped.save_head(staging, self.args.model_name_or_path, self.id2label)
+                unwrapped.save_head(staging, self.args.model_name_or_path, self.id2label, head)
                 self.processor.save_pretrained(staging)
         else:
             save_model(accelerator, model, staging, self.processor)

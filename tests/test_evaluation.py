@@ -18,6 +18,7 @@ from simmim_hf.evaluation import (
     extract_features,
     knn_evaluate,
     knn_predict,
+    linear_probe_evaluate,
     pool_tokens,
 )
 from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling, SimMIMModel
@@ -28,7 +29,7 @@ from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling, SimMIMModel
 
 def brute_force_knn(train_features, train_labels, query_features, num_classes, k, temperature):
     """Reference weighted k-NN: one query at a time, cosine similarity to every training example, the k
-    largest vote for their label with weight exp(similarity / temperature)."""
+    largest vote for their label with weight exp(similarity / temperature), divided by the nearest one's."""
     train = train_features.double()
     query = query_features.double()
     k = min(k, train.shape[0])
@@ -40,7 +41,7 @@ def brute_force_knn(train_features, train_labels, query_features, num_classes, k
             sims.append((cos.item(), t))
         sims.sort(key=lambda pair: pair[0], reverse=True)
         for cos, t in sims[:k]:
-            scores[q, int(train_labels[t])] += math.exp(cos / temperature)
+            scores[q, int(train_labels[t])] += math.exp((cos - sims[0][0]) / temperature)
     return scores
 
 
@@ -93,6 +94,40 @@ def test_knn_predict_matches_brute_force(k, temperature):
     expected = brute_force_knn(train, labels, query, num_classes, k, temperature)
     assert scores.shape == (9, num_classes)
     torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_knn_predict_small_temperatures_do_not_overflow():
+    """exp(similarity / T) passes float32's range once similarity / T > ~88 (T < ~0.011): classes then tied at inf
+    and the accuracy fell to chance. The votes are taken relative to the nearest neighbour instead."""
+    features, labels = clusters(10, 40, 16, torch.Generator().manual_seed(7))
+    for temperature in (0.07, 0.01, 0.005, 0.001):
+        scores = knn_predict(features, labels, features, 10, k=20, temperature=temperature)
+        assert torch.isfinite(scores).all(), temperature
+        assert knn_evaluate(features, labels, features, labels, k=20, temperature=temperature)["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("which", ["train", "query"])
+def test_knn_predict_refuses_non_finite_features(which):
+    """One NaN row used to rank above every neighbour and turn every vote into NaN: accuracy 0 with no error."""
+    g = torch.Generator().manual_seed(8)
+    train, query = torch.randn(12, 4, generator=g), torch.randn(5, 4, generator=g)
+    (train if which == "train" else query)[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=rf"`{which}_features` has 1 of .* rows with NaN or infinite"):
+        knn_predict(train, torch.zeros(12, dtype=torch.long), query, 2)
+
+
+def test_empty_or_degenerate_evaluation_inputs_raise_clear_errors():
+    g = torch.Generator().manual_seed(9)
+    train, labels = torch.randn(6, 4, generator=g), torch.tensor([0, 1] * 3)
+    with pytest.raises(ValueError, match=r"`train_features` is empty"):
+        knn_evaluate(train[:0], labels[:0], train, labels, num_classes=2)
+    with pytest.raises(ValueError, match=r"`steps` must be >= 1; got steps=0"):
+        linear_probe_evaluate(train, labels, train, labels, steps=0)
+    with pytest.raises(ValueError, match=r"must not be empty; got 6 train and 0 test rows"):
+        linear_probe_evaluate(train, labels, train[:0], labels[:0], num_classes=2)
+    train[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"`train_features` has 1 of 6 rows"):
+        linear_probe_evaluate(train, labels, train[1:], labels[1:])
 
 
 def test_knn_predict_chunking_gives_the_same_scores():
@@ -468,3 +503,17 @@ def test_knn_top5_counts_only_classes_that_got_votes():
     test_labels = torch.randint(0, 10, (300,), generator=generator)
     result = knn_evaluate(train, train_labels, test, test_labels, num_classes=10, k=1)
     assert result["top5_accuracy"] == result["accuracy"]
+
+
+def test_evaluate_classifier_on_an_empty_loader_raises_a_clear_error():
+    """It failed inside the metric library ("Evaluation module cache file doesn't exist ...")."""
+    from accelerate import Accelerator
+    from jobs import reset_accelerate
+
+    from simmim_hf.evaluation import evaluate_classifier
+
+    reset_accelerate()
+    probe = LinearProbe(SimMIMModel(tiny_config()), num_labels=3)
+    with pytest.raises(ValueError, match=r"The evaluation set is empty"):
+        evaluate_classifier(probe, [], Accelerator(cpu=True), num_classes=3)
+    reset_accelerate()

@@ -267,7 +267,7 @@ def test_collator_replaces_unreadable_rows_with_their_labels():
             {"image": {"bytes": b"not an image", "path": None}, "label": 1, "index": 1},
             {"image": Image.new("RGB", (32, 32), (0, 0, 255)), "label": 2, "index": 2}]
     batch = SimMIMCollator(processor, seed=0, keep_columns=("label",), do_train=False)(rows)
-    assert batch["pixel_values"].shape == (3, 3, 32, 32) and int(batch["num_unreadable"]) == 1
+    assert batch["pixel_values"].shape == (3, 3, 32, 32) and int(batch["unreadable"].sum()) == 1
     assert batch["labels"].tolist() == [0, 2, 2]  # the replacement carries its own label
     torch.testing.assert_close(batch["pixel_values"][1], batch["pixel_values"][2])
     with pytest.raises(RuntimeError, match="unreadable"):
@@ -282,7 +282,8 @@ def test_collator_replaces_unreadable_rows_with_their_labels():
     rows.append({"image": np.full((40, 40, 3), 300.0, dtype=np.float32), "label": 4, "index": 4})
     collator = SimMIMCollator(processor, seed=0, keep_columns=("label",), do_train=True, return_mask=True)
     batch = collator(rows)
-    assert batch["labels"].tolist() == [0, 1, 2, 0, 1] and int(batch["num_unreadable"]) == 2
+    assert batch["labels"].tolist() == [0, 1, 2, 0, 1]
+    assert batch["unreadable"].tolist() == [False, False, False, True, True]
     assert not torch.equal(batch["pixel_values"][3], batch["pixel_values"][0])
     assert not torch.equal(batch["bool_masked_pos"][3], batch["bool_masked_pos"][0])
 

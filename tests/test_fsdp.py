@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -176,3 +177,32 @@ def test_an_epoch_is_one_process_share_of_the_batches(fsdp_runs):
     batches, of which each of 2 processes gets 2 (not 4, which made --num_train_epochs run twice as long)."""
     assert "2 epochs of 2 steps" in fsdp_runs["full_log"], fsdp_runs["full_log"][-3000:]
     assert "step 2/4 epoch 0 " in fsdp_runs["full_log"] and "step 3/4 epoch 1 " in fsdp_runs["full_log"]
+
+
+def test_fsdp_linear_probe_saves_its_whole_head_and_counts_unreadable_eval_images_once(fsdp_runs, tmp_path):
+    """Under FSDP the probe's head is sharded (DTensors): saving it from the main process alone crashed at the first
+    evaluation, after an epoch of training. And an unreadable evaluation image that the sampler repeats to even out
+    the last batch across the 2 processes was counted twice."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", (4, 4)), ("validation", (3, 2))):
+        for label, count in zip("ab", counts):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    (tmp_path / "validation" / "a" / "000.png").write_bytes(b"not a png")  # the first image: repeated as padding
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(fsdp_runs["tmp"] / "fsdp.yaml"),
+         "--num_processes", "2", str(REPO / "examples" / "run_finetune.py"), "--preset", "vit-nano-p4-32",
+         "--linear_probe", "--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "validation"),
+         "--output_dir", str(tmp_path / "probe"), "--num_train_epochs", "1", "--per_device_train_batch_size", "2",
+         "--per_device_eval_batch_size", "2", "--report_to", "none", "--dataloader_num_workers", "0"],
+        env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "DistributedType.FSDP" in proc.stdout
+    head = load_file(str(tmp_path / "probe" / "last" / "linear_probe_head.safetensors"))
+    assert head["weight"].shape == (2, 64) and head["bias"].shape == (2,)
+    results = json.loads((tmp_path / "probe" / "last" / "eval_results.json").read_text())
+    assert results["unreadable_images"] == 1, results

@@ -384,7 +384,7 @@ def test_unreadable_images_are_replaced_and_counted():
     image = load_sample_images()[0]
     batch = SimMIMCollator(processor, seed=0, do_train=True, return_mask=True)(
         [{"image": image, "index": 0, "epoch": 0}, {"image": {"bytes": b"junk", "path": None}, "index": 1, "epoch": 0}])
-    assert batch["pixel_values"].shape[0] == 2 and int(batch["num_unreadable"]) == 1
+    assert batch["pixel_values"].shape[0] == 2 and int(batch["unreadable"].sum()) == 1
     # The readable image stands in, with the crop, flip and mask of the position it fills (not a copy of its own).
     from simmim_hf.training_utils import sample_seed
 
